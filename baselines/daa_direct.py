@@ -1,0 +1,25 @@
+"""DAA in the original's direct form: one (N, N, N) tensor of comparisons, autograd through all of it.
+
+Used by the tests (the blockwise version must agree with it) and by bench.py (time and memory).
+"""
+import torch
+
+
+def soft_rank_direct(S, temp=0.001, variant="paper"):
+    """R[q, c] = 1 + sum_{a != c} sigma_tau(X[q, a] - Y[q, c]); X = S (paper) or S^T (reference), Y = S."""
+    X = S if variant == "paper" else S.t()
+    diff = X.unsqueeze(2) - S.unsqueeze(1)  # (q, a, c)
+    sig = 1.0 / (1.0 + torch.exp(torch.clamp(-diff / temp, -50, 50)))
+    off_diagonal = 1.0 - torch.eye(S.shape[1], dtype=S.dtype, device=S.device)
+    return 1.0 + (sig * off_diagonal.unsqueeze(0)).sum(1)
+
+
+def asp_soft_direct(S, M, temp=0.001, variant="paper"):
+    rank_s = soft_rank_direct(S, temp, variant)
+    rank_m = soft_rank_direct(M, temp, variant)
+    return (torch.minimum(rank_s, rank_m) / torch.maximum(rank_s, rank_m)).mean()
+
+
+def daa_loss_direct(S, M, weight=25.0, temp=0.001, variant="paper"):
+    """daa_weight * [(1 - ASP_soft(S, M)) + (1 - ASP_soft(S^T, M^T))], the direct way."""
+    return weight * ((1 - asp_soft_direct(S, M, temp, variant)) + (1 - asp_soft_direct(S.t(), M.t(), temp, variant)))

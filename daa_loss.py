@@ -1,0 +1,195 @@
+"""The training objective: VSE++ hinge triplet loss + DAA, and the semantic relevance DAA ranks by.
+
+DAA ("Differentiable ASP Approximation", Li et al. NeurIPS 2022) replaces the hard ranks of the ASP
+metric by sums of steep sigmoids so that the metric can be optimised directly:
+
+    sigma_tau(x) = 1 / (1 + exp(clamp(-x / tau, -50, 50)))
+    R(q, c)      = 1 + sum_{a != c} sigma_tau(X[q, a] - Y[q, c])
+    ASP_soft     = mean_{q, c} min(R_S, R_M) / max(R_S, R_M)
+
+With X = Y = S ("paper" variant) R is the soft rank of item c in query q's row. The released code
+uses X = S^T, Y = S ("reference" variant: R(b, c) = 1 + sum_{a != c} sigma(S[a, b] - S[b, c])), which
+mixes rows and columns; both are offered so the published setting can be reproduced.
+
+Memory: the direct form materialises an N x N x N tensor (and autograd keeps several), 512 MB per
+tensor at N = 512. Here the comparisons are made in blocks of queries, forward and backward, through a
+custom autograd function that keeps only the N x N inputs and recomputes each block's sigmoids in the
+backward pass. The relevance ranks need no gradient at all.
+"""
+import numpy as np
+import scipy.sparse
+import torch
+import torch.nn as nn
+from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
+
+# Elements of one block of comparisons (queries x items x items); 2^24 floats = 64 MB per temporary.
+BLOCK_ELEMENTS = 1 << 24
+
+
+# ------------------------------------------------------------------------------------------------
+# Semantic relevance: the paper's "CIDEr" map, a TF-IDF cosine between captions.
+
+
+class SemanticRelevance:
+    """TF-IDF relevance of every image to every caption of one split, kept sparse.
+
+    M[i, j] = c_i . t_j, where t_j is caption j's l2-normalised TF-IDF row and c_i the mean of image
+    i's captions' rows (= the mean cosine of image i's captions with caption j). Captions 5i..5i+4
+    belong to image i. A dense TF-IDF of COCO train (566k captions) would need ~100 GB; the sparse
+    rows need a few hundred MB.
+    """
+
+    def __init__(self, captions, captions_per_image=5):
+        if len(captions) % captions_per_image:
+            raise ValueError(f"{len(captions)} captions is not a multiple of {captions_per_image}")
+        counts = CountVectorizer().fit_transform(captions)
+        self.caption_rows = TfidfTransformer().fit_transform(counts).astype(np.float32).tocsr()  # (n_caps, V)
+        n_images = len(captions) // captions_per_image
+        averaging = scipy.sparse.csr_matrix(
+            (np.full(len(captions), 1.0 / captions_per_image, dtype=np.float32),
+             (np.repeat(np.arange(n_images), captions_per_image), np.arange(len(captions)))),
+            shape=(n_images, len(captions)))
+        self.image_rows = (averaging @ self.caption_rows).tocsr()  # (n_images, V)
+        self.n_images, self.n_captions = n_images, len(captions)
+
+    def block(self, image_ids, caption_ids):
+        """Relevance of the given images to the given captions: float32 (len(image_ids), len(caption_ids))."""
+        rows = self.image_rows[np.asarray(image_ids)]
+        cols = self.caption_rows[np.asarray(caption_ids)]
+        return np.asarray((rows @ cols.T).todense(), dtype=np.float32)
+
+    def matrix(self, image_ids=None):
+        """Dense relevance rows of `image_ids` (default: all images) to every caption: (n, n_captions)."""
+        ids = np.arange(self.n_images) if image_ids is None else np.asarray(image_ids)
+        return self.block(ids, np.arange(self.n_captions))
+
+
+def semantic_relevance(captions_of_images, captions):
+    """M (n_images, n_captions) for images given by their captions (a list of 5-caption lists).
+
+    TF-IDF is fitted on `captions` (all captions of the split), as in SemanticRelevance.
+    """
+    vectorizer = CountVectorizer().fit(captions)
+    transformer = TfidfTransformer().fit(vectorizer.transform(captions))
+    caption_rows = transformer.transform(vectorizer.transform(captions))
+    image_rows = scipy.sparse.vstack([
+        scipy.sparse.csr_matrix(transformer.transform(vectorizer.transform(caps)).mean(axis=0))
+        for caps in captions_of_images])
+    return np.asarray((image_rows @ caption_rows.T).todense(), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Soft ranks
+
+
+def _sigmoid_tau(diff, temp):
+    """sigma_tau(diff) with the original's clamp of the exponent to [-50, 50]."""
+    return torch.sigmoid((diff / temp).clamp(-50.0, 50.0))
+
+
+def _block_size(n_items):
+    return max(1, BLOCK_ELEMENTS // max(1, n_items * n_items))
+
+
+class _SoftRank(torch.autograd.Function):
+    """R[q, c] = 1 + sum_{a != c} sigma_tau(X[q, a] - Y[q, c]) for X, Y of shape (n_q, n), blockwise."""
+
+    @staticmethod
+    def forward(ctx, X, Y, temp):
+        ctx.save_for_backward(X, Y)
+        ctx.temp = temp
+        ranks = torch.empty_like(Y)
+        step = _block_size(X.shape[1])
+        for start in range(0, X.shape[0], step):
+            x, y = X[start:start + step], Y[start:start + step]
+            sig = _sigmoid_tau(x.unsqueeze(2) - y.unsqueeze(1), temp)  # (b, a, c)
+            self_term = _sigmoid_tau(x - y, temp)  # the a == c comparisons, excluded
+            ranks[start:start + step] = 1.0 + sig.sum(1) - self_term
+        return ranks
+
+    @staticmethod
+    def backward(ctx, grad_ranks):
+        X, Y = ctx.saved_tensors
+        temp = ctx.temp
+        grad_x = torch.zeros_like(X) if ctx.needs_input_grad[0] else None
+        grad_y = torch.zeros_like(Y) if ctx.needs_input_grad[1] else None
+        step = _block_size(X.shape[1])
+        eye = torch.eye(X.shape[1], dtype=torch.bool, device=X.device)
+        for start in range(0, X.shape[0], step):
+            x, y, g = X[start:start + step], Y[start:start + step], grad_ranks[start:start + step]
+            scaled = (x.unsqueeze(2) - y.unsqueeze(1)) / temp  # (b, a, c)
+            sig = torch.sigmoid(scaled.clamp(-50.0, 50.0))
+            # d sigma_tau / d diff; zero where the clamp is active, as autograd of the direct form gives.
+            slope = sig * (1 - sig) * (scaled.abs() <= 50.0) / temp
+            slope.masked_fill_(eye, 0.0)
+            if grad_x is not None:
+                grad_x[start:start + step] = torch.bmm(slope, g.unsqueeze(2)).squeeze(2)
+            if grad_y is not None:
+                grad_y[start:start + step] = -slope.sum(1) * g
+        return grad_x, grad_y, None
+
+
+def soft_rank(S, temp=0.001, variant="paper"):
+    """Soft rank of every item in every query row of S (n_q, n): (n_q, n); differentiable in S."""
+    if variant == "paper":
+        return _SoftRank.apply(S, S, temp)
+    if variant == "reference":
+        if S.shape[0] != S.shape[1]:
+            raise ValueError(f"the reference DAA variant needs a square matrix, got {tuple(S.shape)}")
+        return _SoftRank.apply(S.t(), S, temp)
+    raise ValueError(f"unknown DAA variant {variant!r} (paper|reference)")
+
+
+def asp_soft(S, M, temp=0.001, variant="paper"):
+    """Differentiable ASP in [0, 1] of scores S (n_q, n) against relevance M (n_q, n): a 0-dim tensor."""
+    rank_s = soft_rank(S, temp, variant)
+    with torch.no_grad():
+        rank_m = soft_rank(M.to(S.dtype), temp, variant)
+    return (torch.minimum(rank_s, rank_m) / torch.maximum(rank_s, rank_m)).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss
+
+
+def contrastive_loss(S, margin=0.2, max_violation=True):
+    """VSE++ hinge triplet loss of a square image x caption score matrix S (N, N); pairs on the diagonal."""
+    diagonal = S.diag().view(-1, 1)
+    cost_caption = (margin + S - diagonal).clamp(min=0)  # image i vs. wrong captions j (rows)
+    cost_image = (margin + S - diagonal.t()).clamp(min=0)  # caption j vs. wrong images i (columns)
+    eye = torch.eye(S.shape[0], dtype=torch.bool, device=S.device)
+    cost_caption = cost_caption.masked_fill(eye, 0)
+    cost_image = cost_image.masked_fill(eye, 0)
+    if max_violation:
+        return cost_caption.max(1)[0].sum() + cost_image.max(0)[0].sum()
+    return cost_caption.sum() + cost_image.sum()
+
+
+class DAALoss(nn.Module):
+    """Contrastive loss + daa_weight * [(1 - ASP_soft(S, M)) + (1 - ASP_soft(S^T, M^T))].
+
+    forward(S (N, N), M (N, N) or None) -> dict of 0-dim tensors: loss, contrastive_loss,
+    daa_i2t_loss, daa_t2i_loss (the DAA terms are 0 when M is None or daa_weight is 0).
+    `max_violation` may be switched per call (the warm-up epochs sum the violations).
+    """
+
+    def __init__(self, margin=0.2, max_violation=True, daa_weight=25, daa_temp=0.001, daa_variant="paper"):
+        super().__init__()
+        if daa_variant not in ("paper", "reference"):
+            raise ValueError(f"unknown DAA variant {daa_variant!r} (paper|reference)")
+        self.margin, self.max_violation = margin, max_violation
+        self.daa_weight, self.daa_temp, self.daa_variant = daa_weight, daa_temp, daa_variant
+
+    def forward(self, S, M=None, max_violation=None):
+        max_violation = self.max_violation if max_violation is None else max_violation
+        if S.dtype in (torch.float16, torch.bfloat16):
+            S = S.float()  # ranks and hinges in fp32 even under autocast
+        contrastive = contrastive_loss(S, self.margin, max_violation)
+        zero = S.new_zeros(())
+        daa_i2t = daa_t2i = zero
+        if M is not None and self.daa_weight:
+            M = M.to(S.device, S.dtype)
+            daa_i2t = self.daa_weight * (1 - asp_soft(S, M, self.daa_temp, self.daa_variant))
+            daa_t2i = self.daa_weight * (1 - asp_soft(S.t(), M.t(), self.daa_temp, self.daa_variant))
+        return {"loss": contrastive + daa_i2t + daa_t2i, "contrastive_loss": contrastive,
+                "daa_i2t_loss": daa_i2t, "daa_t2i_loss": daa_t2i}

@@ -1,0 +1,254 @@
+"""Learnable synthetic datasets in the exact SCAN precomp layouts, for demos, tests and benchmarks.
+
+    python make_synthetic_data.py [--out_dir data --vocab_dir vocab --ann_dir pmrp_com/coco_ann --seed 0]
+
+writes, deterministically from `--seed` (same seed, same bytes):
+- `{out_dir}/f30k_precomp/{train,dev,test}_{caps.txt,ims.npy}` and
+  `{out_dir}/coco_precomp/{train,dev,test,testall}_{caps.txt,ims.npy}` + `testall_ids.txt` (one COCO
+  image id per caption line);
+- `{ann_dir}/captions_val2014.json` and `instances_val2014.json` (COCO format, the 80 real category ids
+  and names) for the testall images, so PMRP can be computed;
+- `{vocab_dir}/{f30k,coco}_precomp_vocab.json` (vocab.py's vocabulary of train + dev).
+
+How it is learnable: every image holds 2-4 objects of COCO categories drawn with skewed frequencies (so
+images share categories, and captions share words), each with a colour and a count, in one of a few
+scenes. Each category, colour and scene has a fixed non-negative random prototype in feature space.
+An object's regions carry its category prototype + its colour prototype + noise, the other regions
+the scene prototype + noise; everything is ReLU'd like bottom-up-attention features. Captions, from
+varied templates, name some of the image's objects with their colours, counts, verbs and the scene, so
+words can be aligned with regions, and TF-IDF relevance (and PMRP from the annotations) is non-trivial.
+A few testall images get no instance annotation, as in real COCO (PMRP drops them).
+"""
+import os
+import sys
+
+import numpy as np
+
+import errors
+import fileio
+from errors import InputError
+from vocab import build_vocab, serialize_vocab
+
+REGIONS = 36
+CAPTIONS_PER_IMAGE = 5
+
+# The 80 COCO categories: (id, name, supercategory); ids run 1..90 with gaps, as in instances_*.json.
+COCO_CATEGORIES = [
+    (1, "person", "person"), (2, "bicycle", "vehicle"), (3, "car", "vehicle"), (4, "motorcycle", "vehicle"),
+    (5, "airplane", "vehicle"), (6, "bus", "vehicle"), (7, "train", "vehicle"), (8, "truck", "vehicle"),
+    (9, "boat", "vehicle"), (10, "traffic light", "outdoor"), (11, "fire hydrant", "outdoor"),
+    (13, "stop sign", "outdoor"), (14, "parking meter", "outdoor"), (15, "bench", "outdoor"),
+    (16, "bird", "animal"), (17, "cat", "animal"), (18, "dog", "animal"), (19, "horse", "animal"),
+    (20, "sheep", "animal"), (21, "cow", "animal"), (22, "elephant", "animal"), (23, "bear", "animal"),
+    (24, "zebra", "animal"), (25, "giraffe", "animal"), (27, "backpack", "accessory"),
+    (28, "umbrella", "accessory"), (31, "handbag", "accessory"), (32, "tie", "accessory"),
+    (33, "suitcase", "accessory"), (34, "frisbee", "sports"), (35, "skis", "sports"),
+    (36, "snowboard", "sports"), (37, "sports ball", "sports"), (38, "kite", "sports"),
+    (39, "baseball bat", "sports"), (40, "baseball glove", "sports"), (41, "skateboard", "sports"),
+    (42, "surfboard", "sports"), (43, "tennis racket", "sports"), (44, "bottle", "kitchen"),
+    (46, "wine glass", "kitchen"), (47, "cup", "kitchen"), (48, "fork", "kitchen"), (49, "knife", "kitchen"),
+    (50, "spoon", "kitchen"), (51, "bowl", "kitchen"), (52, "banana", "food"), (53, "apple", "food"),
+    (54, "sandwich", "food"), (55, "orange", "food"), (56, "broccoli", "food"), (57, "carrot", "food"),
+    (58, "hot dog", "food"), (59, "pizza", "food"), (60, "donut", "food"), (61, "cake", "food"),
+    (62, "chair", "furniture"), (63, "couch", "furniture"), (64, "potted plant", "furniture"),
+    (65, "bed", "furniture"), (67, "dining table", "furniture"), (70, "toilet", "furniture"),
+    (72, "tv", "electronic"), (73, "laptop", "electronic"), (74, "mouse", "electronic"),
+    (75, "remote", "electronic"), (76, "keyboard", "electronic"), (77, "cell phone", "electronic"),
+    (78, "microwave", "appliance"), (79, "oven", "appliance"), (80, "toaster", "appliance"),
+    (81, "sink", "appliance"), (82, "refrigerator", "appliance"), (84, "book", "indoor"),
+    (85, "clock", "indoor"), (86, "vase", "indoor"), (87, "scissors", "indoor"), (88, "teddy bear", "indoor"),
+    (89, "hair drier", "indoor"), (90, "toothbrush", "indoor"),
+]
+IRREGULAR_PLURALS = {"person": "people", "sheep": "sheep", "mouse": "mice", "knife": "knives", "skis": "skis",
+                     "scissors": "scissors", "broccoli": "broccoli", "tv": "tvs"}
+COLOURS = ["red", "blue", "green", "yellow", "white", "black", "brown", "orange colored"]
+SCENES = ["street", "kitchen", "park", "beach", "living room", "field", "office", "restaurant"]
+COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+VERBS = ["sitting", "standing", "lying", "resting", "placed", "shown"]
+PREPOSITIONS = ["next to", "near", "beside", "behind", "in front of", "on top of"]
+TEMPLATES = [
+    "{A} {o1} {verb} {prep} {a2} {o2} in the {scene}.",
+    "There is {a1} {o1} and {a2} {o2} in a {scene}",
+    "{A} {o1} {verb} in the {scene} .",
+    "A photo of {a1} {o1} {prep} {a2} {o2}.",
+    "{A} {o1}, {a2} {o2} and {a3} {o3} at the {scene}.",
+    "Close up of {a1} {o1} {verb} {prep} {a2} {o2} .",
+    "{A} {o1} that is {verb} {prep} {a2} {o2}",
+    "In the {scene} {a1} {o1} is {verb} {prep} {a2} {o2}.",
+]
+
+
+def plural(name):
+    head, _, last = name.rpartition(" ")
+    if last in IRREGULAR_PLURALS:
+        word = IRREGULAR_PLURALS[last]
+    elif last.endswith(("s", "sh", "ch", "x")):
+        word = last + "es"
+    else:
+        word = last + "s"
+    return f"{head} {word}" if head else word
+
+
+class World:
+    """The fixed prototypes (category, colour, scene) and frequencies every split is drawn from."""
+
+    def __init__(self, rng, feat_dim):
+        def prototypes(n, scale, density):
+            mask = rng.random((n, feat_dim)) < density
+            return (np.abs(rng.standard_normal((n, feat_dim))) * mask * scale).astype(np.float32)
+
+        self.feat_dim = feat_dim
+        self.category = prototypes(len(COCO_CATEGORIES), 2.0, 0.25)
+        self.colour = prototypes(len(COLOURS), 1.0, 0.15)
+        self.scene = prototypes(len(SCENES), 0.8, 0.2)
+        weights = 1.0 / np.arange(1, len(COCO_CATEGORIES) + 1) ** 0.9  # Zipf-like: a few categories are common
+        self.category_p = weights[rng.permutation(len(COCO_CATEGORIES))] / weights.sum()
+
+
+def sample_images(rng, world, n_images):
+    """Per image: (scene index, [(category index, colour index, count), ...]) with 2-4 distinct categories."""
+    images = []
+    for _ in range(n_images):
+        n_objects = int(rng.integers(2, 5))
+        cats = rng.choice(len(COCO_CATEGORIES), size=n_objects, replace=False, p=world.category_p)
+        objects = [(int(c), int(rng.integers(len(COLOURS))), int(rng.choice([1, 1, 1, 2, 3]))) for c in cats]
+        images.append((int(rng.integers(len(SCENES))), objects))
+    return images
+
+
+def caption(rng, image):
+    """One caption naming (some of) the image's objects, in the order of a random template."""
+    scene, objects = image
+    order = rng.permutation(len(objects))
+    words = {"scene": SCENES[scene], "verb": VERBS[rng.integers(len(VERBS))],
+             "prep": PREPOSITIONS[rng.integers(len(PREPOSITIONS))]}
+    for slot in range(3):
+        cat, colour, count = objects[order[slot % len(objects)]]
+        name = COCO_CATEGORIES[cat][1]
+        noun = name if count == 1 else plural(name)
+        if rng.random() < 0.5:
+            noun = f"{COLOURS[colour]} {noun}"
+        words[f"o{slot + 1}"] = noun
+        words[f"a{slot + 1}"] = COUNT_WORDS[count] if count > 1 or rng.random() < 0.8 else "one"
+    words["A"] = words["a1"].capitalize()
+    return TEMPLATES[rng.integers(len(TEMPLATES))].format(**words)
+
+
+def features(rng, world, image):
+    """(36, D) float32: 2-5 regions per object instance group show it, the rest the scene; all >= 0."""
+    scene, objects = image
+    dim = world.feat_dim
+    regions = rng.standard_normal((REGIONS, dim), dtype=np.float32) * 0.3 + world.scene[scene]
+    slots = rng.permutation(REGIONS)
+    used = 0
+    for cat, colour, count in objects:
+        n_regions = min(int(rng.integers(2, 4)) + count - 1, REGIONS - used)
+        rows = slots[used:used + n_regions]
+        used += n_regions
+        regions[rows] = (world.category[cat] + world.colour[colour]
+                         + rng.standard_normal((n_regions, dim), dtype=np.float32) * 0.3)
+    return np.maximum(regions, 0.0)
+
+
+def write_split(rng, world, directory, split, n_images, rows_per_caption):
+    """Write {split}_caps.txt and {split}_ims.npy; return the sampled images."""
+    images = sample_images(rng, world, n_images)
+    lines = [caption(rng, image) for image in images for _ in range(CAPTIONS_PER_IMAGE)]
+    feats = np.stack([features(rng, world, image) for image in images])
+    if rows_per_caption:
+        feats = np.repeat(feats, CAPTIONS_PER_IMAGE, axis=0)
+    with fileio.atomic_path(os.path.join(directory, f"{split}_caps.txt")) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    with fileio.atomic_path(os.path.join(directory, f"{split}_ims.npy")) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, feats)
+    return images, lines
+
+
+def write_coco_annotations(rng, ann_dir, image_ids, images, lines):
+    """COCO-format captions_val2014.json and instances_val2014.json for the testall images."""
+    coco_images = [{"id": int(i), "file_name": f"COCO_val2014_{int(i):012d}.jpg", "width": 640, "height": 480}
+                   for i in image_ids]
+    captions = [{"image_id": int(image_ids[j // CAPTIONS_PER_IMAGE]), "id": j + 1, "caption": line}
+                for j, line in enumerate(lines)]
+    # As in real COCO, a few images have no instance annotation (PMRP drops them as queries and gallery items).
+    n_unannotated = len(images) // 50
+    unannotated = set(rng.choice(len(images), size=n_unannotated, replace=False).tolist())
+    instances, ann_id = [], 1
+    for index, (image_id, (_, objects)) in enumerate(zip(image_ids, images)):
+        if index in unannotated:
+            continue
+        for cat, _, count in objects:
+            for _ in range(count):
+                x, y = (int(v) for v in rng.integers(0, 400, size=2))
+                w, h = (int(v) for v in rng.integers(20, 200, size=2))
+                instances.append({"image_id": int(image_id), "category_id": COCO_CATEGORIES[cat][0], "id": ann_id,
+                                  "bbox": [x, y, w, h], "area": float(w * h), "iscrowd": 0,
+                                  "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+                ann_id += 1
+    info = {"description": "synthetic COCO-format annotations (make_synthetic_data.py)"}
+    categories = [{"supercategory": sup, "id": cid, "name": name} for cid, name, sup in COCO_CATEGORIES]
+    fileio.write_json({"info": info, "licenses": [], "images": coco_images, "annotations": captions},
+                      os.path.join(ann_dir, "captions_val2014.json"))
+    fileio.write_json({"info": info, "licenses": [], "images": coco_images, "annotations": instances,
+                       "categories": categories}, os.path.join(ann_dir, "instances_val2014.json"))
+
+
+def build_parser():
+    parser = errors.ArgumentParser(description="Write learnable synthetic f30k_precomp/coco_precomp datasets.")
+    parser.add_argument("--out_dir", default="data", help="data_path: gets f30k_precomp/ and coco_precomp/")
+    parser.add_argument("--vocab_dir", default="vocab", help="where {data_name}_vocab.json are written")
+    parser.add_argument("--ann_dir", default=os.path.join("pmrp_com", "coco_ann"), help="COCO annotation JSON folder")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--feat_dim", default=2048, type=int, help="region feature dimension D")
+    parser.add_argument("--n_train", default=400, type=int, help="training images per dataset")
+    parser.add_argument("--n_dev", default=100, type=int, help="dev images per dataset")
+    parser.add_argument("--n_test", default=100, type=int, help="test images per dataset")
+    parser.add_argument("--n_testall", default=500, type=int, help="COCO testall images (a multiple of 5: 1K folds)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny sizes for quick checks: 40/10/10/25 images, feat_dim 32 (overrides the size options)")
+    parser.add_argument("--datasets", nargs="+", default=["f30k_precomp", "coco_precomp"],
+                        choices=["f30k_precomp", "coco_precomp"])
+    parser.add_argument("--rows_per_caption", nargs="*", default=[], metavar="SPLIT",
+                        help="write these splits with one feature row per caption (each image repeated 5x)")
+    parser.add_argument("--threshold", default=4, type=int, help="vocabulary word-count threshold")
+    return parser
+
+
+def main(argv=None):
+    opt = build_parser().parse_args(argv)
+    if opt.tiny:
+        opt.n_train, opt.n_dev, opt.n_test, opt.n_testall, opt.feat_dim = 40, 10, 10, 25, 32
+    for name in ("n_train", "n_dev", "n_test", "n_testall", "feat_dim", "threshold"):
+        if getattr(opt, name) < 1:
+            raise InputError(f"--{name} must be at least 1 (got {getattr(opt, name)})")
+    if opt.n_testall % 5:
+        raise InputError(f"--n_testall must be a multiple of 5 for the five 1K-style folds (got {opt.n_testall})")
+    unknown = set(opt.rows_per_caption) - {"train", "dev", "test", "testall"}
+    if unknown:
+        raise InputError(f"--rows_per_caption: unknown split(s) {sorted(unknown)}")
+
+    rng = np.random.default_rng(opt.seed)
+    world = World(rng, opt.feat_dim)
+    sizes = {"train": opt.n_train, "dev": opt.n_dev, "test": opt.n_test, "testall": opt.n_testall}
+    for data_name in ("f30k_precomp", "coco_precomp"):  # fixed order: the bytes must not depend on --datasets order
+        if data_name not in opt.datasets:
+            continue
+        directory = os.path.join(opt.out_dir, data_name)
+        splits = ["train", "dev", "test"] + (["testall"] if data_name == "coco_precomp" else [])
+        for split in splits:
+            images, lines = write_split(rng, world, directory, split, sizes[split], split in opt.rows_per_caption)
+            if split == "testall":
+                image_ids = np.sort(rng.choice(np.arange(1, 600000), size=len(images), replace=False))
+                with fileio.atomic_path(os.path.join(directory, "testall_ids.txt")) as tmp:
+                    with open(tmp, "w", encoding="utf-8") as f:
+                        f.write("".join(f"{i}\n" for i in image_ids for _ in range(CAPTIONS_PER_IMAGE)))
+                write_coco_annotations(rng, opt.ann_dir, image_ids, images, lines)
+        vocab = build_vocab([os.path.join(directory, f"{s}_caps.txt") for s in ("train", "dev")], opt.threshold)
+        serialize_vocab(vocab, os.path.join(opt.vocab_dir, f"{data_name}_vocab.json"))
+        print(f"{directory}: " + ", ".join(f"{s} {sizes[s]} images" for s in splits) + f"; vocabulary {len(vocab)} words")
+
+
+if __name__ == "__main__":
+    sys.exit(errors.run(main))

@@ -1,0 +1,371 @@
+"""SGR and SAF image-text similarity models (SGRAF, Diao et al. AAAI 2021), as trained by DAA.
+
+Same modules, parameter names and initialisation as the original, so its checkpoints load. What differs
+is how the (n_images x n_captions) similarity matrix is computed: the original loops over captions
+(each one repeated n_images times); here every pair is scored at once, in chunks of captions of similar
+length, with the padded words masked so that a caption scores the same whatever else is in the batch.
+
+Shapes: n_i images of R = 36 regions, n_c captions of at most L words, d = embed_size, s = sim_dim.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from checkpoint import strip_module_prefix
+
+NUM_REGIONS = 36
+DROPOUT = 0.4
+SMOOTH = 9.0  # lambda of the SCAN text-to-image attention
+# Transient memory budget of `EncoderSimilarity`: floats of one chunk's (n_i, words, d) context tensor
+# (32 MB: small enough to stay in cache-friendly sizes on CPU, where bigger chunks measured slower).
+MAX_ELEMENTS = 2 ** 23
+
+
+def l1norm(X, dim, eps=1e-8):
+    """X / (sum |X| + eps) along dim (the original's eps placement)."""
+    return X / (X.abs().sum(dim=dim, keepdim=True) + eps)
+
+
+def l2norm(X, dim=-1, eps=1e-8):
+    """X / (||X||_2 + eps) along dim (the original's eps placement; one fused norm, and a zero vector
+    gets a zero gradient instead of the NaN of sqrt'(0))."""
+    return X / (torch.linalg.vector_norm(X, dim=dim, keepdim=True) + eps)
+
+
+def init_weights(module):
+    """The original's init: every Linear Xavier-uniform with bias 0, every BatchNorm weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class EncoderImage(nn.Module):
+    """Region features (n, R, img_dim) -> region embeddings (n, R, d), l2-normalised unless no_imgnorm."""
+
+    def __init__(self, img_dim, embed_size, no_imgnorm=False):
+        super().__init__()
+        self.no_imgnorm = no_imgnorm
+        self.fc = nn.Linear(img_dim, embed_size)
+        init_weights(self)
+
+    def forward(self, images):
+        emb = self.fc(images)
+        return emb if self.no_imgnorm else l2norm(emb, dim=-1)
+
+
+class EncoderText(nn.Module):
+    """Word ids (n, L) + lengths (n,) -> word embeddings (n, L, d); padded positions are exactly 0.
+
+    Packing keeps padded words out of the GRU, so neither direction sees them; the two directions of
+    the bi-GRU are averaged.
+    """
+
+    def __init__(self, vocab_size, word_dim, embed_size, num_layers, bi_gru=True, no_txtnorm=False):
+        super().__init__()
+        self.no_txtnorm = no_txtnorm
+        self.bi_gru = bi_gru
+        self.embed = nn.Embedding(vocab_size, word_dim)
+        self.dropout = nn.Dropout(DROPOUT)
+        self.cap_rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bi_gru)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def forward(self, captions, lengths):
+        words = self.dropout(self.embed(captions))
+        lengths = torch.as_tensor(lengths).cpu()
+        packed = pack_padded_sequence(words, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.cap_rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=captions.size(1))
+        if self.bi_gru:
+            half = out.size(2) // 2
+            out = (out[:, :, :half] + out[:, :, half:]) / 2
+        return out if self.no_txtnorm else l2norm(out, dim=-1)
+
+
+class VisualSA(nn.Module):
+    """Self-attention global image: regions (n, R, d) -> (n, d), l2-normalised."""
+
+    def __init__(self, embed_dim, dropout_rate=DROPOUT, num_region=NUM_REGIONS):
+        super().__init__()
+        self.embedding_local = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(num_region),
+                                             nn.Tanh(), nn.Dropout(dropout_rate))
+        self.embedding_global = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(embed_dim),
+                                              nn.Tanh(), nn.Dropout(dropout_rate))
+        self.embedding_common = nn.Sequential(nn.Linear(embed_dim, 1))
+        init_weights(self)
+
+    def forward(self, local):
+        l_emb = self.embedding_local(local)
+        g_emb = self.embedding_global(local.mean(1))
+        weights = torch.softmax(self.embedding_common(l_emb * g_emb.unsqueeze(1)).squeeze(2), dim=1)
+        return l2norm(torch.bmm(weights.unsqueeze(1), local).squeeze(1), dim=-1)
+
+
+class TextSA(nn.Module):
+    """Self-attention global text over each caption's real words: (n, L, d), mask (n, L) -> (n, d)."""
+
+    def __init__(self, embed_dim, dropout_rate=DROPOUT):
+        super().__init__()
+        self.embedding_local = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Dropout(dropout_rate))
+        self.embedding_global = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Dropout(dropout_rate))
+        self.embedding_common = nn.Sequential(nn.Linear(embed_dim, 1))
+        init_weights(self)
+
+    def forward(self, local, mask):
+        """`local` must be 0 at padded words (mean = sum / number of real words)."""
+        mean = local.sum(1) / mask.sum(1, keepdim=True).to(local.dtype)
+        l_emb = self.embedding_local(local)
+        g_emb = self.embedding_global(mean)
+        logits = self.embedding_common(l_emb * g_emb.unsqueeze(1)).squeeze(2)
+        weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
+        return l2norm(torch.bmm(weights.unsqueeze(1), local).squeeze(1), dim=-1)
+
+
+class GraphReasoning(nn.Module):
+    """One step of similarity graph reasoning over the nodes (..., N, s) of each (image, caption) pair."""
+
+    def __init__(self, sim_dim):
+        super().__init__()
+        self.graph_query_w = nn.Linear(sim_dim, sim_dim)
+        self.graph_key_w = nn.Linear(sim_dim, sim_dim)
+        self.sim_graph_w = nn.Linear(sim_dim, sim_dim)
+        init_weights(self)
+
+    def forward(self, nodes, key_mask, first_only=False):
+        """nodes (..., N, s), key_mask (..., N) bool (padded nodes are never keys) -> (..., N or 1, s).
+
+        Edge logits q_n . k_m = (W_q x_n + b_q) . (W_k x_m + b_k) = p_n . x_m + q_n . b_k with
+        p_n = W_k^T q_n = (W_k^T W_q) x_n + W_k^T b_q: one s x s product per node instead of two. (q_n . b_k
+        does not depend on the key and cancels in the softmax; it is kept, for a few flops, so that b_k gets
+        its gradient as in the original and DDP sees every parameter used.) `first_only` updates node 0
+        alone (all SGR reads after its last step).
+        """
+        query_w, key_w = self.graph_query_w, self.graph_key_w
+        queries = nodes[..., :1, :] if first_only else nodes
+        probe = F.linear(queries, key_w.weight.t() @ query_w.weight, query_w.bias @ key_w.weight)
+        offset = F.linear(queries, (key_w.bias @ query_w.weight).unsqueeze(0), (query_w.bias @ key_w.bias).view(1))
+        logits = torch.matmul(probe, nodes.transpose(-1, -2)) + offset
+        edges = torch.softmax(logits.masked_fill(~key_mask.unsqueeze(-2), float("-inf")), dim=-1)
+        return torch.relu(self.sim_graph_w(torch.matmul(edges, nodes)))
+
+
+class AttentionFiltration(nn.Module):
+    """Gate-based filtration of the alignment nodes of each pair, BatchNorm1d(1) on the gate logits."""
+
+    def __init__(self, sim_dim):
+        super().__init__()
+        self.attn_sim_w = nn.Linear(sim_dim, 1)
+        self.bn = nn.BatchNorm1d(1)
+        init_weights(self)
+
+    def forward(self, nodes, node_mask):
+        """nodes (n_i, n_c, N, s), node_mask (n_c, N) -> (vectors (n_i, n_c, s), batch stats or None).
+
+        In training the original normalises each caption's gate logits with that caption's own batch
+        statistics (over all images x its real nodes); the stats (mean, unbiased variance), each (n_c,),
+        are returned so the caller can update the running stats in caption order.
+        """
+        bn = self.bn
+        logits = self.attn_sim_w(nodes).squeeze(-1)  # (n_i, n_c, N)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # statistics in >= fp32, as autocast's BN
+        real = node_mask.to(logits.dtype)
+        stats = None
+        if bn.training or bn.running_mean is None:
+            count = logits.size(0) * real.sum(1)  # (n_c,)
+            mean = (logits * real).sum((0, 2)) / count
+            var = ((logits - mean[:, None]).pow(2) * real).sum((0, 2)) / count
+            stats = (mean.detach(), (var * count / (count - 1)).detach())
+            mean, var = mean[:, None], var[:, None]
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        gates = (logits - mean) * torch.rsqrt(var + bn.eps)
+        if bn.affine:
+            gates = gates * bn.weight + bn.bias
+        gates = torch.sigmoid(gates) * real
+        vectors = torch.matmul(l1norm(gates, dim=-1).unsqueeze(-2), nodes).squeeze(-2)
+        return l2norm(vectors, dim=-1), (stats if bn.training and bn.track_running_stats else None)
+
+    @torch.no_grad()
+    def update_running_stats(self, means, variances):
+        """Running stats after one BatchNorm update per caption, in order (closed form), stats (K,)."""
+        bn = self.bn
+        k = means.numel()
+        if bn.momentum is None:  # cumulative average: r = (n0 r0 + sum of stats) / (n0 + K)
+            n0 = bn.num_batches_tracked.to(means.dtype)
+            bn.running_mean.copy_((n0 * bn.running_mean + means.sum()) / (n0 + k))
+            bn.running_var.copy_((n0 * bn.running_var + variances.sum()) / (n0 + k))
+        else:  # r_K = (1-m)^K r0 + sum_k m (1-m)^(K-k) stat_k
+            m = bn.momentum
+            decay = (1 - m) ** torch.arange(k - 1, -1, -1, dtype=torch.float64, device=means.device)
+            weights = (m * decay).to(means.dtype)
+            bn.running_mean.copy_((1 - m) ** k * bn.running_mean + (weights * means).sum())
+            bn.running_var.copy_((1 - m) ** k * bn.running_var + (weights * variances).sum())
+        bn.num_batches_tracked.add_(k)
+
+
+class _LocalAlignment(torch.autograd.Function):
+    """y = W ((l2norm(a^T V) - w)^2) + b without keeping any (n_i, words, d) tensor for backward.
+
+    aT (n_i, R, W) attention of each word over the regions, V (n_i, R, d) regions, w (W, d) words,
+    weight (s, d), bias (s,) -> (n_i, W, s). The context a^T V is recomputed in backward from the small
+    attention (R = 36 floats per pair-word instead of d), which is what bounds the training memory.
+    """
+
+    @staticmethod
+    def forward(ctx, aT, V, w, weight, bias):
+        buf = torch.bmm(aT.transpose(1, 2), V)  # context (n_i, W, d)
+        norm = torch.linalg.vector_norm(buf, dim=-1, keepdim=True)
+        buf.div_(norm + 1e-8).sub_(w).square_()
+        ctx.save_for_backward(aT, V, w, weight, norm)
+        return F.linear(buf, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        aT, V, w, weight, norm = ctx.saved_tensors
+        buf = torch.bmm(aT.transpose(1, 2), V).div_(norm + 1e-8).sub_(w)  # e = c - w
+        sq = buf.square()
+        s, d = weight.shape
+        grad_weight = grad.reshape(-1, s).t() @ sq.reshape(-1, d)
+        grad_bias = grad.sum((0, 1))
+        ge = torch.matmul(grad, weight, out=sq)  # d/de of W e^2 is 2 e (W^T g)
+        ge.mul_(buf).mul_(2)
+        grad_w = -ge.sum(0)
+        c = buf.add_(w)
+        # c = u / (|u| + eps)  =>  du = dc / (|u| + eps) - c (dc . c) / |u|
+        dot = (ge * c).sum(-1, keepdim=True)
+        gu = ge.div_(norm + 1e-8).addcmul_(c, dot / norm.clamp_min(1e-12), value=-1)
+        grad_aT = torch.bmm(V, gu.transpose(1, 2))
+        grad_V = torch.bmm(aT, gu)
+        return grad_aT, grad_V, grad_w, grad_weight, grad_bias
+
+
+def local_alignment(aT, V, w, weight, bias):
+    """`_LocalAlignment` in one dtype (autocast's where it is on, as the matmuls inside would run)."""
+    device = V.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return _LocalAlignment.apply(*(t.to(dtype) for t in (aT, V, w, weight, bias)))
+    dtype = V.dtype
+    return _LocalAlignment.apply(*(t.to(dtype) for t in (aT, V, w, weight, bias)))
+
+
+class EncoderSimilarity(nn.Module):
+    """Scores of every (image, caption) pair: SCAN local + self-attention global alignments, then SGR or SAF."""
+
+    def __init__(self, embed_size, sim_dim, module_name="SGR", sgr_step=3):
+        super().__init__()
+        self.module_name = module_name
+        self.max_elements = MAX_ELEMENTS
+        self.v_global_w = VisualSA(embed_size, DROPOUT, NUM_REGIONS)
+        self.t_global_w = TextSA(embed_size, DROPOUT)
+        self.sim_tranloc_w = nn.Linear(embed_size, sim_dim)
+        self.sim_tranglo_w = nn.Linear(embed_size, sim_dim)
+        self.sim_eval_w = nn.Linear(sim_dim, 1)
+        if module_name == "SGR":
+            self.SGR_module = nn.ModuleList([GraphReasoning(sim_dim) for _ in range(sgr_step)])
+        elif module_name == "SAF":
+            self.SAF_module = AttentionFiltration(sim_dim)
+        else:
+            raise ValueError(f"module_name must be SGR or SAF, not {module_name!r}")
+        init_weights(self)
+
+    def forward(self, img_embs, cap_embs, lengths):
+        """img_embs (n_i, R, d), cap_embs (n_c, L, d), lengths (n_c,) -> scores (n_i, n_c) in (0, 1).
+
+        Captions are sorted by length and scored in chunks of at most `max_elements` // (n_i d) words,
+        so the transient (n_i, words, d) context stays bounded and chunks carry little padding.
+        """
+        n_i, _, d = img_embs.shape
+        n_c, L, _ = cap_embs.shape
+        lengths = torch.as_tensor(lengths).cpu()
+        if n_c and (int(lengths.min()) < 1 or int(lengths.max()) > L):
+            raise ValueError(f"caption lengths must be in 1..{L}")
+        mask = torch.arange(L) < lengths[:, None]
+        cap_embs = cap_embs.masked_fill(~mask.to(cap_embs.device).unsqueeze(2), 0)
+        img_glo = self.v_global_w(img_embs)  # (n_i, d)
+        cap_glo = self.t_global_w(cap_embs, mask.to(cap_embs.device))  # (n_c, d)
+
+        order = torch.argsort(lengths, descending=True, stable=True)
+        sorted_lengths = lengths[order].tolist()
+        chunks, saf_stats, start = [], [], 0
+        while start < n_c:
+            width = sorted_lengths[start]  # the longest caption of the chunk
+            stop = min(n_c, start + max(1, self.max_elements // max(1, n_i * width * d)))
+            idx = order[start:stop].to(cap_embs.device)
+            scores, stats = self._chunk(img_embs, img_glo, cap_embs[idx, :width], mask[order[start:stop], :width]
+                                        .to(cap_embs.device), cap_glo[idx])
+            chunks.append(scores)
+            if stats is not None:
+                saf_stats.append(stats)
+            start = stop
+        if saf_stats:  # the original updates SAF's BatchNorm once per caption, in caption order
+            inverse = torch.argsort(order).to(saf_stats[0][0].device)
+            self.SAF_module.update_running_stats(torch.cat([s[0] for s in saf_stats])[inverse],
+                                                 torch.cat([s[1] for s in saf_stats])[inverse])
+        if not chunks:
+            return img_embs.new_zeros(n_i, 0)
+        return torch.cat(chunks, 1)[:, torch.argsort(order).to(img_embs.device)]
+
+    def _chunk(self, img_embs, img_glo, words, mask, cap_glo):
+        """Scores (n_i, n) of n captions padded to one width: words (n, Lc, d) zero-padded, mask (n, Lc)."""
+        n_i, n_r, d = img_embs.shape
+        n, width, _ = words.shape
+        flat_words = words.reshape(n * width, d)
+        # SCAN attention, laid out (n_i, R, words): one GEMM for every region x every word.
+        attn = F.leaky_relu((img_embs.reshape(n_i * n_r, d) @ flat_words.t()).view(n_i, n_r, n, width), 0.1)
+        attn = l2norm(attn.masked_fill(~mask, 0), dim=-1)  # over each caption's real words
+        attn = torch.softmax(attn * SMOOTH, dim=1).view(n_i, n_r, n * width)
+        sim_loc = local_alignment(attn, img_embs, flat_words, self.sim_tranloc_w.weight, self.sim_tranloc_w.bias)
+        sim_loc = l2norm(sim_loc, dim=-1)
+        sim_glo = l2norm(self.sim_tranglo_w((img_glo.unsqueeze(1) - cap_glo.unsqueeze(0)).pow(2)), dim=-1)
+        nodes = torch.cat([sim_glo.unsqueeze(2), sim_loc.view(n_i, n, width, -1)], 2)
+        node_mask = torch.cat([mask.new_ones(n, 1), mask], 1)  # (n, N): node 0 is the global alignment
+        stats = None
+        if self.module_name == "SGR":
+            for step, module in enumerate(self.SGR_module):
+                nodes = module(nodes, node_mask, first_only=step == len(self.SGR_module) - 1)
+            vectors = nodes[:, :, 0]
+        else:
+            vectors, stats = self.SAF_module(nodes, node_mask)
+        return torch.sigmoid(self.sim_eval_w(vectors)).squeeze(-1), stats
+
+
+class SimilarityModel(nn.Module):
+    """Image encoder + text encoder + similarity encoder, built from the training options `opt`."""
+
+    def __init__(self, opt):
+        super().__init__()
+        self.img_enc = EncoderImage(opt.img_dim, opt.embed_size, opt.no_imgnorm)
+        self.txt_enc = EncoderText(opt.vocab_size, opt.word_dim, opt.embed_size, opt.num_layers,
+                                   opt.bi_gru, opt.no_txtnorm)
+        self.sim_enc = EncoderSimilarity(opt.embed_size, opt.sim_dim, opt.module_name, opt.sgr_step)
+
+    def encode_images(self, images):
+        """(n, R, img_dim) -> (n, R, d)."""
+        return self.img_enc(images)
+
+    def encode_captions(self, captions, lengths):
+        """(n, L) word ids, (n,) lengths -> (n, L, d), 0 at padded words."""
+        return self.txt_enc(captions, lengths)
+
+    def similarity(self, img_embs, cap_embs, lengths):
+        """(n_i, R, d), (n_c, L, d), (n_c,) -> (n_i, n_c) scores."""
+        return self.sim_enc(img_embs, cap_embs, lengths)
+
+    def forward(self, images, captions, lengths):
+        """A batch of B images and their B captions -> (B, B) scores, rows images, columns captions."""
+        return self.similarity(self.encode_images(images), self.encode_captions(captions, lengths), lengths)
+
+    def state_dicts(self):
+        """[img_enc, txt_enc, sim_enc] state dicts, the original checkpoint's 'model' entry."""
+        return [self.img_enc.state_dict(), self.txt_enc.state_dict(), self.sim_enc.state_dict()]
+
+    def load_state_dicts(self, state_dicts, strict=True):
+        """Load [img_enc, txt_enc, sim_enc] state dicts; DDP's leading 'module.' is stripped."""
+        for module, state in zip((self.img_enc, self.txt_enc, self.sim_enc), state_dicts, strict=True):
+            module.load_state_dict(strip_module_prefix(state), strict=strict)

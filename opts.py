@@ -1,0 +1,81 @@
+"""Every training option, under the original SGRAF/DAA names and defaults, plus what users need.
+
+Two switches of the original are store_false flags that turn a feature OFF when given:
+`--max_violation` (hardest-negative hinge; on by default) and `--bi_gru` (bidirectional GRU; on by
+default). They are kept so the original command lines run verbatim; `--no_max_violation` and
+`--no_bi_gru` say the same thing in words that match what they do.
+"""
+from errors import ArgumentParser
+
+
+def build_parser():
+    parser = ArgumentParser(description="Train SGR or SAF with the VSE++ triplet loss + DAA.")
+    # data and output paths
+    parser.add_argument("--data_path", default="data", help="folder holding {data_name}/ (SCAN precomp layout)")
+    parser.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp, or any folder name")
+    parser.add_argument("--vocab_path", default="vocab/", help="folder holding {data_name}_vocab.json")
+    parser.add_argument("--model_name", default="SGRAF", help="folder for checkpoint_{epoch}.pth.tar and model_best.pth.tar")
+    parser.add_argument("--logger_name", default="./log", help="folder for the TensorBoard logs")
+    # training
+    parser.add_argument("--batch_size", default=128, type=int, help="training batch size per process")
+    parser.add_argument("--num_epochs", default=30, type=int)
+    parser.add_argument("--lr_update", default=20, type=int, help="divide the learning rate by 10 every this many epochs")
+    parser.add_argument("--learning_rate", default=0.00015, type=float,
+                        help="base learning rate; multiplied by world_size x accum_steps at run time")
+    parser.add_argument("--workers", default=0, type=int, help="data loader worker processes")
+    parser.add_argument("--log_step", default=10, type=int, help="iterations between log lines and TensorBoard points")
+    parser.add_argument("--val_step", default=10000, type=int, help="iterations between mid-epoch validations")
+    parser.add_argument("--grad_clip", default=2.0, type=float, help="clip the gradient norm (0 = off)")
+    parser.add_argument("--margin", default=0.2, type=float, help="hinge margin of the triplet loss")
+    parser.add_argument("--max_violation", action="store_false",
+                        help="(original switch) GIVING it turns hardest-negative mining OFF (sum of violations)")
+    parser.add_argument("--no_max_violation", dest="max_violation", action="store_false",
+                        help="sum the violations instead of taking the hardest negative")
+    parser.add_argument("--local_rank", default=0, type=int, help="set by old launchers; torchrun uses LOCAL_RANK")
+    parser.add_argument("--world_size", default=1, type=int, help="number of processes (GPUs) to train on")
+    # model
+    parser.add_argument("--img_dim", default=2048, type=int, help="region feature dimension")
+    parser.add_argument("--word_dim", default=300, type=int, help="word embedding dimension")
+    parser.add_argument("--embed_size", default=1024, type=int, help="joint embedding dimension")
+    parser.add_argument("--sim_dim", default=256, type=int, help="similarity vector dimension")
+    parser.add_argument("--num_layers", default=1, type=int, help="GRU layers")
+    parser.add_argument("--bi_gru", action="store_false",
+                        help="(original switch) GIVING it turns the bidirectional GRU OFF")
+    parser.add_argument("--no_bi_gru", dest="bi_gru", action="store_false", help="use a unidirectional GRU")
+    parser.add_argument("--no_imgnorm", action="store_true", help="do not l2-normalise region embeddings")
+    parser.add_argument("--no_txtnorm", action="store_true", help="do not l2-normalise word embeddings")
+    parser.add_argument("--module_name", default="SGR", choices=["SGR", "SAF"], help="similarity reasoning module")
+    parser.add_argument("--sgr_step", default=3, type=int, help="graph reasoning steps of SGR")
+    # DAA
+    parser.add_argument("--daa_weight", default=25.0, type=float, help="weight of each DAA term (0 = DAA off)")
+    parser.add_argument("--daa_temp", default=0.001, type=float, help="sigmoid temperature tau of the soft ranks")
+    parser.add_argument("--daa_variant", default="paper", choices=["paper", "reference"],
+                        help="paper: ranks within each query row; reference: the released code's indexing")
+    parser.add_argument("--warmup_epochs", default=0, type=int,
+                        help="epochs that sum the hinge violations before hardest-negative mining starts")
+    # running
+    parser.add_argument("--seed", default=0, type=int, help="seed of the weights, dropout and data order")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--resume", default="", help="continue training from this checkpoint (weights, optimizer, epoch)")
+    parser.add_argument("--init_from", default="", help="start from this checkpoint's weights only (fine-tuning)")
+    parser.add_argument("--accum_steps", default=1, type=int,
+                        help="accumulate this many batches per optimizer step (a K-GPU recipe on one GPU)")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision")
+    parser.add_argument("--val_images", default=0, type=int, help="validate on the first N dev images (0 = all)")
+    parser.add_argument("--dist_timeout", default=1800, type=int,
+                        help="seconds a process waits for a lost peer before giving up (distributed runs)")
+    return parser
+
+
+def parse_opt(argv=None):
+    """Parse the command line (argv=None: sys.argv) into an argparse.Namespace."""
+    return build_parser().parse_args(argv)
+
+
+def with_defaults(opt):
+    """Fill options missing from an older checkpoint's `opt` (e.g. the original release's) with defaults."""
+    defaults = vars(build_parser().parse_args([]))
+    for key, value in defaults.items():
+        if not hasattr(opt, key):
+            setattr(opt, key, value)
+    return opt

@@ -1,0 +1,196 @@
+"""PMRP, exactly PCME's algorithm (evaluate_pmrp_coco.py of naver-ai/pcme), vectorised.
+
+Every COCO image gets a 90-dim multi-hot code of the `category_id`s (1..90) of its instance
+annotations; images without any instance are dropped, as queries and from the galleries. Two items are
+a plausible match at threshold t when the L1 distance between their images' codes is <= t.
+For a query, R = number of plausible items in the gallery, R-precision = plausible items among the top
+R retrieved (descending score, ties by lower gallery index) / R, PM-R@1 = whether the top item is
+plausible. i2t: query images, gallery captions; t2i: query captions, gallery images.
+
+PCME builds a dict of full rankings per query and walks it in Python for every threshold. Here chunks
+of query rows are handled at once: the R-th largest score of each row is read from a sorted copy of
+the values, and the plausible items among the top R are counted with comparisons against it (see
+_rprecision); no ranking is materialised. A query's own image is always in its gallery (distance 0),
+so R >= 1.
+"""
+import contextlib
+import io
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from errors import InputError
+from fileio import read_json, read_lines
+
+N_CATEGORIES = 90
+# Elements of one chunk of query rows: 2^22 x (scores and sorted copy, 2-byte distances, masks) ~ 80 MB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def read_image_ids(path, n_images):
+    """COCO image id of each row of an (n_images, 5 n_images) matrix from a testall_ids.txt.
+
+    The file has one id per caption line; captions 5i..5i+4 belong to image i, so their ids must agree.
+    Returns int64 (n_images,).
+    """
+    lines = read_lines(path, "image id list")
+    try:
+        ids = np.array([int(line) for line in lines], dtype=np.int64)
+    except ValueError:
+        bad = next(n for n, line in enumerate(lines, 1) if not line.strip().lstrip("-").isdigit())
+        raise InputError(f"{path}: line {bad} is not an integer image id") from None
+    if len(ids) != 5 * n_images:
+        raise InputError(f"{path}: {len(ids)} caption lines, but the similarity matrix has "
+                         f"{5 * n_images} captions ({n_images} images)")
+    per_image = ids.reshape(n_images, 5)
+    mixed = np.flatnonzero((per_image != per_image[:, :1]).any(1))
+    if len(mixed):
+        i = mixed[0]
+        raise InputError(f"{path}: lines {5 * i + 1}-{5 * i + 5} (the captions of image row {i}) "
+                         f"name different images")
+    return per_image[:, 0].copy()
+
+
+def instance_codes(ann_path, image_ids, ids_name="the image id list"):
+    """Multi-hot category codes of `image_ids` from a COCO instances file (read with pycocotools).
+
+    Returns uint8 (len(image_ids), 90); an all-zero row is an image without instances (dropped from
+    PMRP). Missing file, no `annotations`, or an image id absent from the file's `images` -> InputError.
+    """
+    data = read_json(ann_path, "COCO instance annotation file")
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise InputError(f"{ann_path}: has no 'annotations' list (not a COCO instances file)")
+    if not isinstance(data.get("images"), list):
+        raise InputError(f"{ann_path}: has no 'images' list (not a COCO instances file)")
+    coco = COCO()
+    coco.dataset = data
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            coco.createIndex()
+    except (KeyError, TypeError) as err:
+        raise InputError(f"{ann_path}: malformed COCO annotations (missing {err})") from None
+    missing = [int(i) for i in image_ids if int(i) not in coco.imgs]
+    if missing:
+        raise InputError(f"{ann_path}: {len(missing)} image ids of {ids_name} are not among its images "
+                         f"(e.g. {missing[0]}); is it instances_val2014.json?")
+    codes = np.zeros((len(image_ids), N_CATEGORIES), dtype=np.uint8)
+    for row, image_id in enumerate(image_ids):
+        for ann in coco.imgToAnns.get(int(image_id), ()):
+            category = ann.get("category_id")
+            if not isinstance(category, int) or not 1 <= category <= N_CATEGORIES:
+                raise InputError(f"{ann_path}: annotation {ann.get('id')} has category_id {category!r}, "
+                                 f"not in 1..{N_CATEGORIES}")
+            codes[row, category - 1] = 1
+    return codes
+
+
+def plausibility_distances(codes):
+    """L1 distance between every pair of multi-hot codes (n, 90) -> int16 (n, n).
+
+    For 0/1 vectors |a - b|_1 = popcount(a xor b): the codes are packed into two 64-bit words each.
+    """
+    words = np.packbits(codes.astype(bool), axis=1, bitorder="little")  # (n, 12) bytes
+    words = np.pad(words, ((0, 0), (0, 16 - words.shape[1]))).view(np.uint64)  # (n, 2)
+    dist = np.zeros((len(codes), len(codes)), dtype=np.int16)
+    for w in range(words.shape[1]):
+        dist += np.bitwise_count(words[:, None, w] ^ words[None, :, w])
+    return dist
+
+
+def _rprecision(scores, queries, query_image, gallery_image, dist, max_thres):
+    """R-precision and R@1 of the query rows `queries` of `scores` (n, n_g) at thresholds 0..max_thres-1.
+
+    query_image (len(queries),) and gallery_image (n_g,) index rows/columns of `dist`; gallery items
+    to leave out (images without instances) have gallery_image == -1, which `dist` maps to a distance
+    no threshold reaches, and their scores are set to -inf so that they never enter a top R (inputs
+    are finite). `scores` may be a transposed view. Returns two float64 (max_thres, len(queries)).
+
+    No argsort: with R plausible items, the top R are the items scoring above v, the R-th largest
+    score, plus the lowest-index items scoring exactly v that fill the remaining slots (a stable sort
+    of -score would put them there). v comes from a partition and a sort of the largest values only;
+    the top item is the first maximum (np.argmax). This is PCME's ranking, ties by lower gallery index.
+    """
+    n_q, n_g = len(queries), scores.shape[1]
+    left_out = gallery_image < 0
+    rp = np.empty((max_thres, n_q))
+    r1 = np.empty((max_thres, n_q))
+    step = max(1, CHUNK_ELEMENTS // max(1, n_g))
+    for start in range(0, n_q, step):
+        rows = slice(start, min(start + step, n_q))
+        block = np.array(scores[queries[rows]], dtype=scores.dtype, order="C")  # (b, n_g) copy
+        block[:, left_out] = -np.inf
+        picks = np.arange(block.shape[0])
+        top = np.argmax(block, axis=1)  # first maximum = rank 1 under ties by lower index
+        dists = dist[query_image[rows, None], gallery_image[None, :]]  # (b, n_g)
+        # The R-th largest score for every R up to the chunk's largest R (that of the last threshold):
+        # partition off the top K values and sort only those (a full sort when K is large).
+        K = int(np.count_nonzero(dists <= max_thres - 1, axis=1).max())
+        largest = np.partition(block, n_g - K, axis=1)[:, n_g - K:] if K < n_g // 2 else block
+        largest = np.sort(largest, axis=1)  # ascending; the R-th largest is at [-R]
+        for t in range(max_thres):
+            plausible = dists <= t
+            R = np.count_nonzero(plausible, axis=1)
+            v = largest[picks, largest.shape[1] - R][:, None]  # the R-th largest score of each row
+            at_least = block >= v  # the top R, plus any items tied with the R-th beyond it
+            hits = np.count_nonzero(at_least & plausible, axis=1)
+            straddle = np.flatnonzero(np.count_nonzero(at_least, axis=1) > R)
+            if len(straddle):  # ties cut by the R-th place: the lowest-index tied items stay in
+                tied = block[straddle] == v[straddle]
+                slots = R[straddle] - np.count_nonzero(block[straddle] > v[straddle], axis=1)
+                dropped = tied & (np.cumsum(tied, axis=1) > slots[:, None])
+                hits[straddle] -= np.count_nonzero(dropped & plausible[straddle], axis=1)
+            rp[t, rows] = hits / R
+            r1[t, rows] = plausible[picks, top]
+    return rp, r1
+
+
+def _summary(rp, r1):
+    """The JSON block of one direction from (max_thres, n_q) R-precisions and R@1s (in percent)."""
+    thres = {str(t): 100.0 * float(rp[t].mean()) for t in range(rp.shape[0])}
+    return {"pmrp": float(np.mean(list(thres.values()))), "pmr1": 100.0 * float(r1.mean()),
+            "pmrp_thres": thres}
+
+
+def _block_scores(sims, codes, max_thres):
+    """PMRP of one block: sims (n, 5n) image x caption rows/cols, codes (n, 90) of its images."""
+    valid = codes.any(1)  # images with at least one instance
+    n = len(codes)
+    dist = np.full((n + 1, n + 1), np.iinfo(np.int16).max, dtype=np.int16)  # index -1: left out
+    dist[:n, :n] = plausibility_distances(codes)
+    image = np.where(valid, np.arange(n), -1)  # dist index of each image, -1 = dropped
+    caption_image = np.repeat(image, 5)
+    image_rows, caption_cols = np.flatnonzero(valid), np.flatnonzero(caption_image >= 0)
+    i2t = _rprecision(sims, image_rows, image[image_rows], caption_image, dist, max_thres)
+    t2i = _rprecision(sims.T, caption_cols, caption_image[caption_cols], image, dist, max_thres)
+    return _summary(*i2t), _summary(*t2i)
+
+
+def _mean_blocks(blocks):
+    """Mean over folds of per-fold JSON blocks (every number averaged)."""
+    first = blocks[0]
+    return {"pmrp": float(np.mean([b["pmrp"] for b in blocks])),
+            "pmr1": float(np.mean([b["pmr1"] for b in blocks])),
+            "pmrp_thres": {t: float(np.mean([b["pmrp_thres"][t] for b in blocks])) for t in first["pmrp_thres"]}}
+
+
+def pmrp_scores(sims, codes, n_fold=5, max_thres=3):
+    """PMRP of an (n_images, 5 n_images) similarity matrix given the images' codes (n_images, 90).
+
+    n_fold 5: the five 1K-style folds (images f n/5 .. (f+1) n/5 - 1 and their captions), averaged;
+    n_fold 0: the whole split. Returns {"n_fold", "i2t": {"pmrp", "pmr1", "pmrp_thres": {"0", ...}},
+    "t2i": {...}} in percent.
+    """
+    n = sims.shape[0]
+    if n_fold not in (0, 5):
+        raise InputError(f"--n_fold must be 5 or 0, got {n_fold}")
+    if not codes[:n].any():
+        raise InputError("no image of the split has an instance annotation")
+    bounds = [(f * n // 5, (f + 1) * n // 5) for f in range(5)] if n_fold else [(0, n)]
+    results = []
+    for lo, hi in bounds:
+        if not codes[lo:hi].any():
+            raise InputError(f"no image of fold rows {lo}..{hi - 1} has an instance annotation")
+        results.append(_block_scores(sims[lo:hi, 5 * lo:5 * hi], codes[lo:hi], max_thres))
+    return {"n_fold": n_fold,
+            "i2t": _mean_blocks([r[0] for r in results]),
+            "t2i": _mean_blocks([r[1] for r in results])}

@@ -1,0 +1,120 @@
+"""DAA loss: blockwise soft ranks against the direct N^3 form, the tau -> 0 limit, gradients, variants."""
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import daa_loss
+from baselines.daa_direct import asp_soft_direct, daa_loss_direct, soft_rank_direct
+
+
+def exact_asp(S, M):
+    """ASP with average ranks (SPEC section 4) of rows of S against rows of M, in [0, 1]."""
+    rank_s = scipy.stats.rankdata(-S, method="average", axis=1)
+    rank_m = scipy.stats.rankdata(-M, method="average", axis=1)
+    return float(np.mean(np.minimum(rank_s, rank_m) / np.maximum(rank_s, rank_m)))
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_blockwise_equals_direct_values_and_gradients(variant, monkeypatch):
+    monkeypatch.setattr(daa_loss, "BLOCK_ELEMENTS", 7 * 13 * 13)  # several uneven blocks
+    gen = torch.Generator().manual_seed(0)
+    S = torch.rand(13, 13, generator=gen, dtype=torch.float64, requires_grad=True)
+    M = torch.rand(13, 13, generator=gen, dtype=torch.float64)
+    temp = 0.05
+    ranks = daa_loss.soft_rank(S, temp, variant)
+    torch.testing.assert_close(ranks, soft_rank_direct(S, temp, variant))
+    weights = torch.rand(13, 13, generator=gen, dtype=torch.float64)
+    (grad_fast,) = torch.autograd.grad((ranks * weights).sum(), S)
+    (grad_direct,) = torch.autograd.grad((soft_rank_direct(S, temp, variant) * weights).sum(), S)
+    torch.testing.assert_close(grad_fast, grad_direct)
+    loss = daa_loss.DAALoss(daa_weight=3.0, daa_temp=temp, daa_variant=variant)(S, M)
+    direct = daa_loss_direct(S, M, 3.0, temp, variant)
+    torch.testing.assert_close(loss["daa_i2t_loss"] + loss["daa_t2i_loss"], direct)
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(1)
+    S = torch.rand(6, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    M = torch.rand(6, 6, generator=gen, dtype=torch.float64)
+    for variant in ("paper", "reference"):
+        assert torch.autograd.gradcheck(lambda s: daa_loss.asp_soft(s, M, 0.1, variant), (S,))
+
+
+def test_soft_asp_approaches_exact_asp_as_temperature_falls():
+    rng = np.random.default_rng(2)
+    S, M = rng.random((20, 50)), rng.random((20, 50))  # continuous: no ties
+    exact = exact_asp(S, M)
+    errors = [abs(float(daa_loss.asp_soft(torch.tensor(S), torch.tensor(M), temp)) - exact)
+              for temp in (1e-1, 1e-2, 1e-9)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-12
+
+
+def test_ties_give_average_ranks():
+    """sigma(0) = 1/2: equal relevances get the average rank of their block, exactly as in ASP."""
+    M = torch.tensor([[0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    ranks = daa_loss.soft_rank(M, 1e-3)
+    torch.testing.assert_close(ranks, torch.tensor([[3.0, 3.0, 1.0, 3.0]], dtype=torch.float64))
+
+
+def test_reference_variant_differs_on_asymmetric_and_agrees_on_symmetric():
+    gen = torch.Generator().manual_seed(3)
+    A = torch.rand(8, 8, generator=gen, dtype=torch.float64)
+    M = torch.rand(8, 8, generator=gen, dtype=torch.float64)
+    paper = daa_loss.asp_soft(A, M, 0.01, "paper")
+    reference = daa_loss.asp_soft(A, M, 0.01, "reference")
+    assert abs(float(paper - reference)) > 1e-3
+    S, Msym = A + A.t(), M + M.t()
+    torch.testing.assert_close(daa_loss.asp_soft(S, Msym, 0.01, "paper"),
+                               daa_loss.asp_soft(S, Msym, 0.01, "reference"))
+    torch.testing.assert_close(asp_soft_direct(A, M, 0.01, "reference"), reference)
+
+
+def brute_contrastive(S, margin, max_violation):
+    n = len(S)
+    total = 0.0
+    for i in range(n):
+        costs_c = [max(0.0, margin + S[i][j] - S[i][i]) for j in range(n) if j != i]
+        costs_i = [max(0.0, margin + S[j][i] - S[i][i]) for j in range(n) if j != i]
+        total += (max(costs_c) + max(costs_i)) if max_violation else (sum(costs_c) + sum(costs_i))
+    return total
+
+
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_contrastive_loss_against_loops(max_violation):
+    S = torch.rand(7, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = daa_loss.DAALoss(max_violation=max_violation, daa_weight=0)(S, S)
+    assert float(got["contrastive_loss"]) == pytest.approx(brute_contrastive(S.tolist(), 0.2, max_violation))
+    assert float(got["daa_i2t_loss"]) == 0 and float(got["daa_t2i_loss"]) == 0
+    assert float(got["loss"]) == pytest.approx(float(got["contrastive_loss"]))
+
+
+def test_collapsed_scores_give_the_stuck_loss():
+    """All scores equal: max-violation loss is 2 * N * margin (the plateau the SPEC describes)."""
+    got = daa_loss.DAALoss()(torch.full((32, 32), 0.5))
+    assert float(got["contrastive_loss"]) == pytest.approx(2 * 32 * 0.2)
+
+
+def test_large_batch_memory_is_bounded():
+    """N = 512 runs (forward + backward) without the 512^3 tensor the direct form builds."""
+    gen = torch.Generator().manual_seed(5)
+    S = torch.rand(512, 512, generator=gen, requires_grad=True)
+    M = torch.rand(512, 512, generator=gen)
+    out = daa_loss.DAALoss()(S, M)
+    out["loss"].backward()
+    assert torch.isfinite(S.grad).all()
+
+
+def test_semantic_relevance_block_matches_definition():
+    captions = ["a dog runs", "the dog runs fast", "a cat sleeps", "dog and cat", "a red bus",
+                "a bus stops", "cat on a bus", "the red dog", "people walk", "a dog walks"]
+    rel = daa_loss.SemanticRelevance(captions, captions_per_image=5)
+    # independent: cosine of raw TF-IDF rows, averaged over each image's captions
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    T = TfidfVectorizer().fit_transform(captions).toarray()
+    expected = np.stack([T[5 * i:5 * i + 5].mean(0) for i in range(2)]) @ T.T
+    np.testing.assert_allclose(rel.matrix(), expected, atol=1e-6)
+    np.testing.assert_allclose(rel.block([1, 0], [3, 9, 0]), expected[[1, 0]][:, [3, 9, 0]], atol=1e-6)
+    groups = [captions[:5], captions[5:]]
+    np.testing.assert_allclose(daa_loss.semantic_relevance(groups, captions), expected, atol=1e-6)

@@ -1,0 +1,311 @@
+"""R@K, medr, meanr and ASP against brute-force loops; folds; the CLI in --sims and model mode; bad input."""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import errors
+import evaluation
+from baselines.asp_sort import asp_average_loop, asp_sort
+
+
+def brute_ranks(S):
+    """SPEC R@K ranks by plain loops: i2t min over own captions of #{a != c: s >= s_c}; t2i the same for j // 5."""
+    n, n_cap = S.shape
+    i2t = [min(sum(1 for a in range(n_cap) if a != c and S[i, a] >= S[i, c]) for c in range(5 * i, 5 * i + 5))
+           for i in range(n)]
+    t2i = [sum(1 for a in range(n) if a != j // 5 and S[a, j] >= S[j // 5, j]) for j in range(n_cap)]
+    return np.array(i2t), np.array(t2i)
+
+
+def brute_summary(ranks):
+    ranks = list(ranks)
+    r = [100.0 * sum(x < k for x in ranks) / len(ranks) for k in (1, 5, 10)]
+    return (*r, float(np.floor(np.median(ranks)) + 1), sum(ranks) / len(ranks) + 1)
+
+
+@pytest.mark.parametrize("seed,levels", [(0, 3), (1, 1000), (2, 2)])
+def test_recall_and_asp_against_loops(seed, levels, monkeypatch):
+    monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", 50)  # many uneven chunks
+    rng = np.random.default_rng(seed)
+    n = 9
+    S = rng.integers(0, levels, (n, 5 * n)).astype(np.float32)  # few levels: many ties
+    M = rng.integers(0, 3, (n, 5 * n)).astype(np.float32)
+    ri, rt = brute_ranks(S)
+    assert (evaluation.i2t_ranks(S) == ri).all() and (evaluation.t2i_ranks(S) == rt).all()
+    i2t, t2i = evaluation.i2t(S, M), evaluation.t2i(S, M)
+    assert i2t[:5] == pytest.approx(brute_summary(ri)) and t2i[:5] == pytest.approx(brute_summary(rt))
+    assert i2t[5] == pytest.approx(asp_average_loop(S, M), abs=1e-9)
+    assert t2i[5] == pytest.approx(asp_average_loop(S.T, M.T), abs=1e-9)
+    assert evaluation.i2t(S)[5] is None
+
+
+def test_asp_sort_equals_average_rank_without_ties():
+    rng = np.random.default_rng(4)
+    S, M = rng.random((6, 30)), rng.random((6, 30))
+    assert evaluation.asp(S, M) == pytest.approx(asp_sort(S, M), abs=1e-9)
+    assert evaluation.asp(S, S) == pytest.approx(100.0)
+
+
+def test_constant_matrix_scores_zero():
+    scores = evaluation.score_matrix(np.full((4, 20), 0.5, dtype=np.float32), np.ones((4, 20), dtype=np.float32))
+    assert scores["i2t"]["r1"] == 0.0 and scores["t2i"]["r1"] == 0.0
+    assert scores["i2t"]["medr"] == 20.0 and scores["t2i"]["meanr"] == 4.0
+    assert scores["i2t"]["asp"] == 100.0  # all tied on both sides: equal average ranks
+    # Ties count against the query even among its own captions (SPEC: every other item scoring >= it).
+    tied_own = evaluation.score_matrix(np.repeat(np.eye(4), 5, axis=1))
+    assert tied_own["i2t"]["r1"] == 0.0 and tied_own["i2t"]["medr"] == 5.0 and tied_own["t2i"]["r1"] == 100.0
+    perfect = evaluation.score_matrix(np.repeat(np.eye(4), 5, axis=1) * (1 + np.arange(20) % 5))
+    assert perfect["i2t"]["r1"] == 100.0 and perfect["t2i"]["r1"] == 100.0 and perfect["rsum"] == 600.0
+
+
+def test_folds_are_block_means():
+    rng = np.random.default_rng(5)
+    S, M = rng.random((15, 75)), rng.random((15, 75))
+    out = evaluation.score_folds(S, M)
+    assert len(out["folds"]) == 5
+    blocks = [evaluation.score_matrix(S[3 * f:3 * f + 3, 15 * f:15 * f + 15], M[3 * f:3 * f + 3, 15 * f:15 * f + 15])
+              for f in range(5)]
+    assert out["folds"] == blocks
+    for d in ("i2t", "t2i"):
+        for key in ("r1", "r5", "r10", "medr", "meanr", "asp"):
+            assert out[d][key] == pytest.approx(np.mean([b[d][key] for b in blocks]))
+    assert out["rsum"] == pytest.approx(np.mean([b["rsum"] for b in blocks]))
+
+
+def test_coco_recalls_equal_eccv_caption():
+    """COCO 5K and 1K R@1/5/10 on a random (5000, 25000) matrix, ids of the real test split."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from eccv_caption import Metrics
+    metrics = Metrics()
+    caption_ids = metrics.coco_ids
+    image_ids = np.array([metrics.coco_gts["t2i"][int(c)][0] for c in caption_ids[::5]])
+    S = np.random.default_rng(6).random((5000, 25000), dtype=np.float32)
+    ours_5k = evaluation.score_matrix(S)
+    i2t_idx, _, t2i_idx, _ = evaluation.topk_rankings(S, 10)
+    items = {"i2t": {int(image_ids[i]): caption_ids[r].tolist() for i, r in enumerate(i2t_idx)},
+             "t2i": {int(caption_ids[j]): image_ids[r].tolist() for j, r in enumerate(t2i_idx)}}
+    ours_1k = evaluation.score_folds(S)
+    items_1k = {"i2t": {}, "t2i": {}}  # each query ranks its own fold's block (the package filters to it)
+    for lo, hi in evaluation.fold_bounds(5000):
+        bi, _, bt, _ = evaluation.topk_rankings(S[lo:hi, 5 * lo:5 * hi], 10)
+        items_1k["i2t"].update({int(image_ids[lo + i]): caption_ids[5 * lo + r].tolist() for i, r in enumerate(bi)})
+        items_1k["t2i"].update({int(caption_ids[5 * lo + j]): image_ids[lo + r].tolist() for j, r in enumerate(bt)})
+    for k in (1, 5, 10):
+        theirs = metrics.coco_5k_recalls(items, "all", K=k)
+        assert ours_5k["i2t"][f"r{k}"] == pytest.approx(100 * theirs["i2t"])
+        assert ours_5k["t2i"][f"r{k}"] == pytest.approx(100 * theirs["t2i"])
+        theirs_1k = metrics.coco_1k_recalls(items_1k, "all", K=k)
+        assert ours_1k["i2t"][f"r{k}"] == pytest.approx(100 * theirs_1k["i2t"])
+        assert ours_1k["t2i"][f"r{k}"] == pytest.approx(100 * theirs_1k["t2i"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+@pytest.fixture
+def caps_dir(tmp_path):
+    """A split of 10 images with word-overlapping captions (only the captions file: --sims mode needs no features)."""
+    rng = np.random.default_rng(7)
+    words = "a dog cat man woman red blue runs sits on the grass street ball".split()
+    lines = [" ".join(rng.choice(words, 6)) for _ in range(50)]
+    (tmp_path / "toy_precomp").mkdir()
+    (tmp_path / "toy_precomp" / "test_caps.txt").write_text("\n".join(lines) + "\n")
+    S = rng.random((10, 50)).astype(np.float32)
+    np.save(tmp_path / "s1.npy", S)
+    return tmp_path
+
+
+def _sims_argv(d, *extra):
+    return ["--data_path", str(d), "--data_name", "toy_precomp", "--split", "test", *extra]
+
+
+def test_sims_mode_json(caps_dir):
+    from daa_loss import SemanticRelevance
+
+    S2 = np.random.default_rng(8).random((10, 50)).astype(np.float32)
+    np.save(caps_dir / "s2.npy", S2)
+    out = caps_dir / "out.json"
+    argv = _sims_argv(caps_dir, "--sims", str(caps_dir / "s1.npy"), "--sims", str(caps_dir / "s2.npy"),
+                      "--json", str(out))
+    assert errors.run(evaluation.main, argv) == 0
+    report = json.loads(out.read_text())
+    assert {"split", "fold5", "n_images", "n_captions", "i2t", "t2i", "rsum", "provenance"} <= set(report)
+    assert report["n_images"] == 10 and report["n_captions"] == 50 and report["fold5"] is False
+    assert set(report["i2t"]) == {"r1", "r5", "r10", "medr", "meanr", "asp"}
+    M = SemanticRelevance((caps_dir / "toy_precomp" / "test_caps.txt").read_text().splitlines()).matrix()
+    expected = evaluation.score_matrix((np.load(caps_dir / "s1.npy") + S2) / 2, M)
+    for d in ("i2t", "t2i"):
+        for key, value in expected[d].items():
+            assert report[d][key] == pytest.approx(value)
+    assert report["provenance"]["sims"] == [str(caps_dir / "s1.npy"), str(caps_dir / "s2.npy")]
+    # --fold5: fold means + five folds
+    assert errors.run(evaluation.main, argv + ["--fold5"]) == 0
+    folds = json.loads(out.read_text())
+    assert folds["fold5"] is True and len(folds["folds"]) == 5
+    assert folds["i2t"]["r1"] == pytest.approx(np.mean([f["i2t"]["r1"] for f in folds["folds"]]))
+
+
+def _expect_error(capsys, argv, out, name, also=None):
+    assert errors.run(evaluation.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and name in err[0], err
+    if also:
+        assert also in err[0]
+    assert not os.path.exists(out)
+
+
+def test_sims_mode_bad_inputs(caps_dir, capsys):
+    out = caps_dir / "never.json"
+    S = np.load(caps_dir / "s1.npy")
+    cases = {"wrong.npy": np.zeros((10, 45)), "transposed.npy": S.T,
+             "nan.npy": np.where(S > 0.9, np.nan, S), "inf.npy": np.where(S > 0.9, np.inf, S)}
+    for name, array in cases.items():
+        np.save(caps_dir / name, array)
+        _expect_error(capsys, _sims_argv(caps_dir, "--sims", str(caps_dir / name), "--json", str(out)), out, name,
+                      "transposed" if name == "transposed.npy" else None)
+    (caps_dir / "text.npy").write_text("hello")
+    _expect_error(capsys, _sims_argv(caps_dir, "--sims", str(caps_dir / "text.npy"), "--json", str(out)), out,
+                  "text.npy")
+    _expect_error(capsys, _sims_argv(caps_dir, "--sims", str(caps_dir / "absent.npy"), "--json", str(out)), out,
+                  "absent.npy")
+    argv = ["--data_path", str(caps_dir), "--data_name", "toy_precomp", "--split", "dev",
+            "--sims", str(caps_dir / "s1.npy"), "--json", str(out)]
+    _expect_error(capsys, argv, out, "dev_caps.txt")
+
+
+# ------------------------------------------------------------------------------------------------
+# Model mode on the synthetic dataset
+
+
+def _tiny_checkpoint(synth, path, module_name, seed):
+    import torch
+
+    import checkpoint
+    import opts
+    import vocab as vocab_lib
+    from model import SimilarityModel
+
+    vocab = vocab_lib.deserialize_vocab(os.path.join(synth.vocab_path, "coco_precomp_vocab.json"))
+    opt = opts.parse_opt(["--data_path", synth.data_path, "--data_name", "coco_precomp", "--vocab_path",
+                          synth.vocab_path, "--img_dim", str(synth.feat_dim), "--word_dim", "8", "--embed_size",
+                          "16", "--sim_dim", "8", "--module_name", module_name, "--sgr_step", "1"])
+    torch.manual_seed(seed)
+    opt.vocab_size = len(vocab)
+    model = SimilarityModel(opt)
+    checkpoint.save_checkpoint({"epoch": 0, "model": model.state_dicts(), "best_rsum": 0.0, "opt": opt, "Eiters": 0},
+                               path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(synth, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    return (_tiny_checkpoint(synth, str(d / "sgr.pth.tar"), "SGR", 0),
+            _tiny_checkpoint(synth, str(d / "saf.pth.tar"), "SAF", 1))
+
+
+def test_model_mode_end_to_end(synth, tiny_ckpts, tmp_path):
+    sgr, saf = tiny_ckpts
+    sims1, sims2, out = tmp_path / "sgr.npy", tmp_path / "saf.npy", tmp_path / "out.json"
+    base = ["--vocab_path", synth.vocab_path, "--split", "testall", "--batch_size", "32", "--device", "cpu"]
+    # several shards of images x captions, not aligned with the caption batches
+    assert errors.run(evaluation.main, ["--model_path", sgr, "--save_sims", str(sims1), "--json", str(out),
+                                        "--shard_size", "40"] + base) == 0
+    report = json.loads(out.read_text())
+    n = synth.sizes["testall"]
+    S1 = np.load(sims1)
+    assert S1.shape == (n, 5 * n) and report["n_images"] == n
+    assert report["provenance"]["checkpoint"] == [sgr] and report["provenance"]["opt"][0]["module_name"] == "SGR"
+    # --sims mode on the saved matrix gives the same numbers
+    out2 = tmp_path / "again.json"
+    assert errors.run(evaluation.main, ["--sims", str(sims1), "--data_path", synth.data_path, "--data_name",
+                                        "coco_precomp", "--split", "testall", "--json", str(out2)]) == 0
+    again = json.loads(out2.read_text())
+    assert again["i2t"] == report["i2t"] and again["t2i"] == report["t2i"]
+    # SGRAF: two checkpoints = the mean of their matrices; --fold5 alone scores only the diagonal blocks
+    assert errors.run(evaluation.main, ["--model_path", saf, "--save_sims", str(sims2)] + base) == 0
+    mean = (S1 + np.load(sims2)) / 2
+    ranks = tmp_path / "ranks.jsonl"
+    assert errors.run(evaluation.main, ["--model_path", sgr, "--model_path2", saf, "--fold5", "--json", str(out),
+                                        "--save_ranks", str(ranks), "--topk", "3"] + base) == 0
+    ens = json.loads(out.read_text())
+    expected = evaluation.score_folds(mean)
+    assert ens["fold5"] is True and len(ens["folds"]) == 5
+    for d in ("i2t", "t2i"):
+        for key in ("r1", "r5", "r10", "medr", "meanr"):
+            assert ens[d][key] == pytest.approx(expected[d][key])
+    assert "all" in ens  # --save_ranks needs the whole matrix: the 5K numbers come too
+    lines = [json.loads(line) for line in ranks.read_text().splitlines()]
+    assert len(lines) == n + 5 * n and lines[0]["direction"] == "i2t" and len(lines[0]["topk"]) == 3
+    assert lines[0]["topk"] == np.argsort(-mean[0], kind="stable")[:3].tolist()
+    out3 = tmp_path / "fold_only.json"
+    assert errors.run(evaluation.main, ["--model_path", sgr, "--model_path2", saf, "--fold5", "--json", str(out3)]
+                      + base) == 0
+    fold_only = json.loads(out3.read_text())
+    assert "all" not in fold_only and fold_only["i2t"]["r1"] == pytest.approx(expected["i2t"]["r1"])
+
+
+def test_model_mode_vocab_mismatch(synth, tiny_ckpts, tmp_path, capsys):
+    vocab_dir = tmp_path / "vocab"
+    vocab_dir.mkdir()
+    words = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4}
+    (vocab_dir / "coco_precomp_vocab.json").write_text(json.dumps(
+        {"word2idx": words, "idx2word": {str(i): w for w, i in words.items()}, "idx": 5}))
+    out = tmp_path / "never.json"
+    _expect_error(capsys, ["--model_path", tiny_ckpts[0], "--vocab_path", str(vocab_dir), "--split", "testall",
+                           "--device", "cpu", "--json", str(out)], out, tiny_ckpts[0])
+
+
+def test_validate_matches_score_matrix(synth, tiny_ckpts):
+    import checkpoint
+    import data
+    import vocab as vocab_lib
+
+    vocab = vocab_lib.deserialize_vocab(os.path.join(synth.vocab_path, "coco_precomp_vocab.json"))
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_ckpts[0]), tiny_ckpts[0], len(vocab))
+    images, captions, dataset = data.get_eval_loaders(synth.data_path, "coco_precomp", "dev", vocab, 16, 0)
+    metrics = evaluation.validate(model, images, captions, dataset.relevance, "cpu")
+    sims = evaluation.compute_sims(model, images, captions, shard_size=1000, device="cpu")
+    assert metrics == evaluation.score_matrix(sims, dataset.relevance.matrix())
+    assert set(metrics) == {"i2t", "t2i", "rsum"} and metrics["i2t"]["asp"] is not None
+
+
+def test_eccv_needs_testall(synth, tiny_ckpts, capsys, tmp_path):
+    out = tmp_path / "never.json"
+    _expect_error(capsys, ["--model_path", tiny_ckpts[0], "--vocab_path", synth.vocab_path, "--split", "testall",
+                           "--eccv", "--device", "cpu", "--json", str(out)], out, "testall")
+
+
+def test_eccv_scores_on_the_real_test_ids(tmp_path):
+    """--eccv's mapping: rows -> testall_ids.txt, columns -> the package's caption ids (or ids matched by text)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from eccv_caption import Metrics
+    metrics = Metrics()
+    caption_ids = metrics.coco_ids
+    image_ids = [metrics.coco_gts["t2i"][int(c)][0] for c in caption_ids]
+    split = tmp_path / "coco_precomp"
+    split.mkdir()
+    (split / "testall_ids.txt").write_text("".join(f"{i}\n" for i in image_ids))
+    (split / "testall_caps.txt").write_text("".join(f"caption {c}\n" for c in caption_ids))
+    # captions_val2014.json naming the first image's captions in another order: matched by text
+    first = [int(c) for c in caption_ids[:5]]
+    (tmp_path / "captions_val2014.json").write_text(json.dumps({"annotations": [
+        {"id": c, "image_id": image_ids[0], "caption": f"Caption {c}."} for c in first]}))
+    S = np.random.default_rng(9).random((5000, 25000), dtype=np.float32)
+    out = evaluation.eccv_scores(S, str(tmp_path), "coco_precomp", "testall", str(tmp_path))
+    ours = evaluation.score_matrix(S)
+    for k in (1, 5, 10):
+        assert out[f"coco_5k_r{k}"]["i2t"] == pytest.approx(ours["i2t"][f"r{k}"])
+        assert out[f"coco_5k_r{k}"]["t2i"] == pytest.approx(ours["t2i"][f"r{k}"])
+    assert {"eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_r1", "cxc_r5", "cxc_r10"} <= set(out)
+    assert "0 unmatched" not in out["caption_ids"] and "24995 unmatched" in out["caption_ids"]
+    # ids that do not agree with the package's test split
+    (split / "testall_ids.txt").write_text("".join(f"{i + 1}\n" for i in image_ids))
+    with pytest.raises(errors.InputError, match="testall_ids.txt"):
+        evaluation.eccv_scores(S, str(tmp_path), "coco_precomp", "testall", str(tmp_path / "none"))

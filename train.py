@@ -1,0 +1,306 @@
+"""Train SGR or SAF with the VSE++ triplet loss + DAA, on one process or many (torch.distributed).
+
+    python train.py --data_name f30k_precomp --num_epochs 40 --learning_rate 0.0006 --lr_update 30 \
+        --world_size 1 --module_name SGR --daa_weight 10
+
+`--world_size K` spawns K processes itself (nccl on GPUs, gloo on CPU); `torchrun --nproc_per_node K
+train.py ...` works as well. Each process computes the loss on its own batch of `batch_size`, DDP
+averages the gradients, and the learning rate is multiplied by world_size x accum_steps at run time
+(the stored option stays unscaled, so resuming or relaunching never scales it twice).
+"""
+import argparse
+import datetime
+import logging
+import math
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import data
+import evaluation
+import opts
+from checkpoint import load_checkpoint, load_weights, save_checkpoint
+from daa_loss import DAALoss
+from errors import InputError, run
+from model import SimilarityModel
+from vocab import deserialize_vocab
+
+log = logging.getLogger("train")
+
+
+class TrainingDiverged(InputError):
+    """The loss became NaN or inf; the run stops and the last good checkpoint stays as it was."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def check_options(opt):
+    """Reject option combinations that cannot work, before any process is started."""
+    for name in ("batch_size", "num_epochs", "accum_steps", "world_size", "log_step", "val_step", "lr_update"):
+        if getattr(opt, name) < 1:
+            raise InputError(f"--{name} must be at least 1 (got {getattr(opt, name)})")
+    if opt.val_images < 0 or opt.warmup_epochs < 0 or opt.workers < 0:
+        raise InputError("--val_images, --warmup_epochs and --workers cannot be negative")
+    if opt.resume and opt.init_from:
+        raise InputError("--resume and --init_from exclude each other (resume continues a run, init_from starts one)")
+    if opt.device == "auto":
+        opt.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opt.device == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA device is available")
+        if opt.world_size > torch.cuda.device_count() and "LOCAL_RANK" not in os.environ:
+            raise InputError(f"--world_size {opt.world_size}: only {torch.cuda.device_count()} CUDA device(s) available")
+    if opt.amp == "fp16" and opt.device != "cuda":
+        raise InputError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
+
+
+def vocab_file(opt):
+    return os.path.join(opt.vocab_path, f"{opt.data_name}_vocab.json")
+
+
+def load_start_checkpoint(opt, path):
+    """Load a --resume/--init_from checkpoint and check that it belongs to the requested model."""
+    ckpt = load_checkpoint(path)
+    if ckpt["opt"].module_name != opt.module_name:
+        raise InputError(f"{path}: checkpoint holds a {ckpt['opt'].module_name} model but --module_name is "
+                         f"{opt.module_name}")
+    return ckpt
+
+
+def free_port():
+    """An unused TCP port on the loopback interface for the process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def set_learning_rate(opt, optimizer, epoch):
+    """Base rate x world_size x accum_steps, divided by 10 every lr_update epochs (the original's schedule)."""
+    lr = opt.learning_rate * opt.world_size * opt.accum_steps * (0.1 ** (epoch // opt.lr_update))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation and checkpoints (rank 0)
+
+
+def validate(opt, model, val_loaders, writer, step):
+    """R@K and ASP on the dev split; logs the original's TensorBoard scalars; returns the rsum."""
+    image_loader, caption_loader, val_set = val_loaders
+    metrics = evaluation.validate(unwrap(model), image_loader, caption_loader, val_set.relevance, opt.device)
+    model.train()
+    i2t, t2i = metrics["i2t"], metrics["t2i"]
+    log.info("validation  i2t R@1 %.1f R@5 %.1f R@10 %.1f ASP %.1f | t2i R@1 %.1f R@5 %.1f R@10 %.1f ASP %.1f | "
+             "rsum %.1f", i2t["r1"], i2t["r5"], i2t["r10"], i2t["asp"], t2i["r1"], t2i["r5"], t2i["r10"],
+             t2i["asp"], metrics["rsum"])
+    scalars = {"r1": i2t["r1"], "r5": i2t["r5"], "r10": i2t["r10"], "medr": i2t["medr"], "meanr": i2t["meanr"],
+               "ASP": i2t["asp"], "r1i": t2i["r1"], "r5i": t2i["r5"], "r10i": t2i["r10"], "medri": t2i["medr"],
+               "meanri": t2i["meanr"], "ASPi": t2i["asp"], "r_sum": metrics["rsum"]}
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, step)
+    writer.flush()
+    return metrics["rsum"]
+
+
+def checkpoint_state(opt, model, optimizer, scaler, vocab, epoch, best_rsum, iterations):
+    """The original's checkpoint keys plus what an exact resume needs (all plain types)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"epoch": epoch, "model": unwrap(model).state_dicts(), "best_rsum": best_rsum,
+            "opt": opt, "Eiters": iterations, "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng, "vocab": dict(vocab.word2idx)}
+
+
+# ------------------------------------------------------------------------------------------------
+# One process of the run
+
+
+def train_process(rank, opt, init_method):
+    """Everything one process does: data, model, the epochs; rank 0 validates, logs and saves."""
+    distributed = opt.world_size > 1
+    logging.basicConfig(format=f"%(asctime)s [rank {rank}] %(message)s", level=logging.INFO if rank == 0 else logging.WARNING)
+    if distributed:
+        backend = "nccl" if opt.device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=opt.world_size,
+                                timeout=datetime.timedelta(seconds=opt.dist_timeout))
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if opt.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    opt.device = str(device)
+
+    vocab = deserialize_vocab(vocab_file(opt))
+    opt.vocab_size = len(vocab)
+    torch.manual_seed(opt.seed)  # identical initial weights on every rank
+    train_loader = data.get_train_loader(opt, vocab, distributed)
+    val_loaders = None
+    if rank == 0:
+        max_captions = 5 * opt.val_images if opt.val_images else None
+        val_loaders = data.get_eval_loaders(opt.data_path, opt.data_name, "dev", vocab, opt.batch_size,
+                                            opt.workers, max_captions=max_captions)
+
+    model = SimilarityModel(opt).to(device)
+    start_epoch, best_rsum, iterations, ckpt = 0, 0.0, 0, None
+    if opt.resume or opt.init_from:
+        ckpt = load_start_checkpoint(opt, opt.resume or opt.init_from)
+        load_weights(model, ckpt["model"], opt.resume or opt.init_from)
+    if distributed and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    criterion = DAALoss(opt.margin, opt.max_violation, opt.daa_weight, opt.daa_temp, opt.daa_variant)
+    optimizer = torch.optim.Adam(model.parameters(), lr=opt.learning_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=opt.amp == "fp16")
+    if opt.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt.get("scaler", {}))
+        start_epoch, best_rsum, iterations = ckpt["epoch"], ckpt["best_rsum"], ckpt["Eiters"]
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if not opt.resume:
+        torch.manual_seed(opt.seed + 1 + rank)  # dropout differs between ranks, as with independent GPUs
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        os.makedirs(opt.model_name, exist_ok=True)
+        writer = SummaryWriter(opt.logger_name)
+        log.info("options: %s", vars(opt))
+
+    def save(name, epoch):
+        save_checkpoint(checkpoint_state(opt, model, optimizer, scaler, vocab, epoch, best_rsum, iterations),
+                        os.path.join(opt.model_name, name))
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opt.amp)
+    for epoch in range(start_epoch, opt.num_epochs):
+        lr = set_learning_rate(opt, optimizer, epoch)
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        max_violation = opt.max_violation and epoch >= opt.warmup_epochs
+        model.train()
+        batches = tqdm(train_loader, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True, leave=False)
+        end = time.time()
+        optimizer.zero_grad(set_to_none=True)
+        for i, (images, captions, lengths, _, _, relevance) in enumerate(batches):
+            data_time = time.time() - end
+            images, captions, relevance = images.to(device), captions.to(device), relevance.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                sims = model(images, captions, lengths)
+            losses = criterion(sims, relevance, max_violation=max_violation)
+            if not torch.isfinite(losses["loss"]):
+                raise TrainingDiverged(
+                    f"training loss became {losses['loss'].item()} at epoch {epoch}, iteration {iterations + 1} "
+                    f"(rank {rank}); stopped, the last good checkpoint in {opt.model_name} is untouched")
+            scaler.scale(losses["loss"] / opt.accum_steps).backward()
+            if (i + 1) % opt.accum_steps and i + 1 != len(train_loader):
+                continue
+            if opt.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iterations += 1
+            batch_time = time.time() - end
+            end = time.time()
+            if rank == 0:
+                values = {name: value.item() for name, value in losses.items()}
+                batches.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}")
+                if iterations % opt.log_step == 0:
+                    for name, value in values.items():
+                        writer.add_scalar(name, value, iterations)
+                    for name, value in (("lr", lr), ("batch_time", batch_time), ("data_time", data_time),
+                                        ("epoch", epoch)):
+                        writer.add_scalar(name, value, iterations)
+                    log.info("epoch %d [%d/%d] %s batch %.3fs data %.3fs", epoch, i + 1, len(train_loader),
+                             " ".join(f"{k} {v:.4f}" for k, v in values.items()), batch_time, data_time)
+            if iterations % opt.val_step == 0:
+                if rank == 0:
+                    rsum = validate(opt, model, val_loaders, writer, iterations)
+                    if rsum > best_rsum:
+                        best_rsum = rsum
+                        save("model_best.pth.tar", epoch)
+                if distributed:
+                    dist.barrier()
+        # end of epoch: validate, then save checkpoint_{epoch} and, when best, model_best
+        if rank == 0:
+            rsum = validate(opt, model, val_loaders, writer, iterations)
+            is_best = rsum > best_rsum
+            best_rsum = max(rsum, best_rsum)
+            save(f"checkpoint_{epoch}.pth.tar", epoch + 1)
+            if is_best:
+                save("model_best.pth.tar", epoch + 1)
+        if distributed:
+            dist.barrier()
+    if rank == 0:
+        writer.close()
+        log.info("done: best rsum %.2f, checkpoints in %s", best_rsum, opt.model_name)
+    if distributed:
+        dist.destroy_process_group()
+
+
+def spawned_process(rank, opt, init_method):
+    """Entry point of a process started by --world_size: turn failures into one line and an exit code."""
+    try:
+        train_process(rank, opt, init_method)
+    except InputError as err:
+        print(f"error: rank {rank}: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (RuntimeError, dist.DistBackendError) as err:
+        if not dist.is_initialized():
+            raise
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        print(f"error: rank {rank}: lost contact with another training process ({detail})", file=sys.stderr)
+        os._exit(3)  # skip destroy_process_group, which would wait for the dead peer
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    opt = opts.parse_opt(argv)
+    check_options(opt)
+    # Fail here, in one process, on what every process would fail on: vocabulary, data, checkpoint.
+    vocab = deserialize_vocab(vocab_file(opt))
+    train_set = data.PrecompDataset(opt.data_path, opt.data_name, "train", vocab)
+    if opt.batch_size > len(train_set):
+        raise InputError(f"--batch_size {opt.batch_size} is larger than the {len(train_set)} training captions of "
+                         f"{os.path.join(opt.data_path, opt.data_name)}")
+    if opt.resume or opt.init_from:
+        load_start_checkpoint(opt, opt.resume or opt.init_from)
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        opt.world_size = int(os.environ["WORLD_SIZE"])
+        train_process(int(os.environ["RANK"]), opt, "env://")
+    elif opt.world_size > 1:
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        try:
+            mp.spawn(spawned_process, args=(opt, init_method), nprocs=opt.world_size, join=True)
+        except mp.ProcessExitedException as err:
+            raise InputError(f"training process {err.error_index} stopped (exit code {err.exit_code}); "
+                             f"the run was ended, see the lines above") from None
+        except mp.ProcessRaisedException as err:
+            raise InputError(f"a training process failed: {str(err).strip().splitlines()[-1]}") from None
+    else:
+        train_process(0, opt, None)
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
