@@ -22,17 +22,21 @@ uses the fold's block of S and of M (M fit on the whole split).
 
 --fold5: COCO 1K, the mean over 5 folds of images f n/5 .. (f+1) n/5 - 1 and their captions.
 """
+import contextlib
 import datetime
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import scipy.stats
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+import distributed
 import errors
 import fileio
 from errors import InputError
@@ -202,7 +206,7 @@ def load_sims(paths, n_captions=None, captions_file=None):
             raise InputError(f"{path}: similarity matrix not found")
         try:
             mat = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # np.load reads 'PK...' as .npz
             raise InputError(f"{path}: not a .npy array ({str(err)[:120]})") from None
         if not isinstance(mat, np.ndarray) or mat.ndim != 2 or mat.dtype.kind not in "fiu":
             raise InputError(f"{path}: expected a 2-D numeric (n_images, n_captions) array, got "
@@ -312,13 +316,21 @@ def _caption_slice(captions, lo, hi):
 
 
 @torch.no_grad()
-def similarity_block(model, img_embs, captions, images, caps, shard_size, device, bar=None):
-    """Scores of image range `images` x caption range `caps` (pairs of ints), in shards: float32 numpy."""
+def similarity_block(model, img_embs, captions, images, caps, shard_size, device, bar=None, rank=0, world=1):
+    """Scores of image range `images` x caption range `caps` (pairs of ints), in shards: float32 numpy.
+
+    With world > 1 this process scores only shards k with k % world == rank and leaves the others 0;
+    the shards are the same as in a single-process run, so the summed matrices are bit-identical to it.
+    """
     (i0, i1), (c0, c1) = images, caps
-    out = np.empty((i1 - i0, c1 - c0), dtype=np.float32)
+    out = np.zeros((i1 - i0, c1 - c0), dtype=np.float32)
+    shard = -1
     for a in range(i0, i1, shard_size):
         imgs = img_embs[a:min(a + shard_size, i1)].to(device)
         for c in range(c0, c1, shard_size):
+            shard += 1
+            if shard % world != rank:
+                continue
             embs, lengths = _caption_slice(captions, c, min(c + shard_size, c1))
             sims = model.similarity(imgs, embs.to(device), lengths.to(device))
             out[a - i0:a - i0 + len(imgs), c - c0:c - c0 + len(lengths)] = sims.float().cpu().numpy()
@@ -327,28 +339,68 @@ def similarity_block(model, img_embs, captions, images, caps, shard_size, device
     return out
 
 
-def compute_sims(model, image_loader, caption_loader, shard_size=1000, device=None, blocks=None):
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision(name, device):
+    """Numerics of the encoders and the similarity path; the score head and all ranking stay fp32.
+
+    fp32: exact. tf32: TF32 tensor-core matmuls on CUDA (no effect on a CPU). bf16: autocast to
+    bfloat16 (on CUDA, and on CPUs with bf16 support).
+    """
+    if name not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)} (got {name!r})")
+    previous = torch.get_float32_matmul_precision()
+    if name == "tf32":
+        torch.set_float32_matmul_precision("high")
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16"):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def compute_sims(model, image_loader, caption_loader, shard_size=1000, device=None, blocks=None,
+                 precision_name="fp32"):
     """The (n_img, n_cap) similarity matrix of a model, float32, in shards of images x captions.
 
     Images and captions are encoded once; each shard of `shard_size` images x `shard_size` captions is
     scored by model.similarity on `device` (default: GPU when present). With `blocks` (a list of
     ((i0, i1), (c0, c1)) ranges), only those blocks are scored and a list of matrices is returned.
+    Inside an initialised torch.distributed group the shards are dealt out round robin and summed on
+    rank 0 (every other entry of a process's matrix is 0): rank 0 returns the result, other ranks None.
     """
     device = resolve_device(device)
+    rank, world = distributed.rank_and_world()
     model.to(device).eval()
-    img_embs, captions = encode(model, image_loader, caption_loader, device)
-    n_img, n_cap = len(img_embs), sum(len(c[2]) for c in captions)
-    wanted = blocks if blocks is not None else [((0, n_img), (0, n_cap))]
-    with tqdm(total=sum((i1 - i0) * (c1 - c0) for (i0, i1), (c0, c1) in wanted), desc="similarities",
-              unit="pair", unit_scale=True, disable=None) as bar:
-        out = [similarity_block(model, img_embs, captions, i, c, shard_size, device, bar) for i, c in wanted]
+    with precision(precision_name, device):
+        img_embs, captions = encode(model, image_loader, caption_loader, device)
+        wanted = blocks if blocks is not None else [((0, len(img_embs)), (0, sum(len(c[2]) for c in captions)))]
+        pairs = sum((i1 - i0) * (c1 - c0) for (i0, i1), (c0, c1) in wanted)
+        with tqdm(total=pairs // world, desc="similarities", unit="pair", unit_scale=True,
+                  disable=None if rank == 0 else True) as bar:
+            out = [similarity_block(model, img_embs, captions, i, c, shard_size, device, bar, rank, world)
+                   for i, c in wanted]
+    if world > 1:
+        reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")  # nccl: CUDA tensors
+        for k, part in enumerate(out):
+            summed = torch.from_numpy(part).to(reduce_device)
+            dist.reduce(summed, dst=0, op=dist.ReduceOp.SUM)
+            out[k] = summed.cpu().numpy()
+        if rank != 0:
+            return None
     return out if blocks is not None else out[0]
 
 
-def validate(model, image_loader, caption_loader, relevance, device=None, shard_size=1000):
-    """Dev-set R@K and ASP: score_matrix of the model's matrix; `relevance` a SemanticRelevance."""
-    sims = compute_sims(model, image_loader, caption_loader, shard_size, device)
-    return score_matrix(sims, relevance.matrix())
+def validate(model, image_loader, caption_loader, relevance, device=None, shard_size=1000, precision_name="fp32"):
+    """Dev-set R@K and ASP: score_matrix of the model's matrix; `relevance` a SemanticRelevance.
+
+    In a torch.distributed group every rank must call it (each scores a share of the matrix); rank 0
+    returns the scores, the others None.
+    """
+    sims = compute_sims(model, image_loader, caption_loader, shard_size, device, precision_name=precision_name)
+    return None if sims is None else score_matrix(sims, relevance.matrix())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,6 +523,11 @@ def build_parser():
     p.add_argument("--workers", type=int, default=0, help="data loader workers")
     p.add_argument("--shard_size", type=int, default=1000, help="images (and captions) per similarity shard")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32; tf32 (CUDA matmuls); bf16 (autocast): encoders and similarity path only, "
+                        "scores and ranking stay fp32")
+    p.add_argument("--world_size", type=int, default=1,
+                   help="score the matrix with K processes (one per GPU, or K CPU processes), gathered on rank 0")
     return p
 
 
@@ -488,15 +545,20 @@ def relevance_of_split(data_path, data_name, split):
     return SemanticRelevance(captions, data.CAPTIONS_PER_IMAGE), path
 
 
-def load_vocab(args, ckpt, opt):
-    """Vocabulary: --vocab_path, else the checkpoint's word2idx, else the checkpoint's vocab_path."""
+def load_vocab(args, ckpt, opt, path):
+    """Vocabulary: --vocab_path, else the checkpoint's word2idx, else the checkpoint's vocab_path.
+
+    A vocabulary file must be the one checkpoint `path` was trained with (checkpoint.check_vocab).
+    """
+    import checkpoint
     import vocab as vocab_lib
 
-    if args.vocab_path is not None:
-        return vocab_lib.deserialize_vocab(os.path.join(args.vocab_path, f"{opt.data_name}_vocab.json"))
-    if isinstance(ckpt.get("vocab"), dict):
+    if args.vocab_path is None and isinstance(ckpt.get("vocab"), dict):
         return vocab_lib.vocab_from_word2idx(ckpt["vocab"], "the checkpoint's vocabulary")
-    return vocab_lib.deserialize_vocab(os.path.join(opt.vocab_path, f"{opt.data_name}_vocab.json"))
+    vocab_path = os.path.join(args.vocab_path or opt.vocab_path, f"{opt.data_name}_vocab.json")
+    vocab = vocab_lib.deserialize_vocab(vocab_path)
+    checkpoint.check_vocab(ckpt, path, vocab, vocab_path)
+    return vocab
 
 
 def model_sims(args, path, whole):
@@ -510,14 +572,16 @@ def model_sims(args, path, whole):
     ckpt = checkpoint.load_checkpoint(path)
     opt = ckpt["opt"]
     data_path = args.data_path or opt.data_path
-    vocab = load_vocab(args, ckpt, opt)
+    vocab = load_vocab(args, ckpt, opt, path)
     model = checkpoint.model_from_checkpoint(ckpt, path, len(vocab))
     image_loader, caption_loader, dataset = data.get_eval_loaders(
         data_path, opt.data_name, args.split, vocab, args.batch_size, args.workers)
-    print(f"{path}: {opt.module_name}, epoch {ckpt.get('epoch')}, {args.split}: "
-          f"{dataset.n_images} images, {dataset.n_captions} captions")
+    if distributed.rank_and_world()[0] == 0:
+        print(f"{path}: {opt.module_name}, epoch {ckpt.get('epoch')}, {args.split}: "
+              f"{dataset.n_images} images, {dataset.n_captions} captions")
     blocks = None if whole else [((lo, hi), (5 * lo, 5 * hi)) for lo, hi in fold_bounds(dataset.n_images)]
-    sims = compute_sims(model, image_loader, caption_loader, args.shard_size, args.device, blocks)
+    device = distributed.process_device(resolve_device(args.device).type, distributed.rank_and_world()[0])
+    sims = compute_sims(model, image_loader, caption_loader, args.shard_size, device, blocks, args.precision)
     return sims, opt, data_path, dataset
 
 
@@ -542,6 +606,49 @@ def save_matrix(sims, path):
             np.save(f, sims)
 
 
+def evaluation_rank(rank, args, argv, init_method, device_type):
+    """A process started by --world_size: score this rank's share of the matrix for rank 0, then leave.
+
+    An error here is also rank 0's error (same inputs), which rank 0 reports; this process just exits.
+    """
+    distributed.init_group(rank, args.world_size, init_method, device_type)
+    try:
+        evaluate(args, argv)
+    except InputError:
+        sys.exit(2)
+    finally:
+        dist.destroy_process_group()
+
+
+def evaluate_spawned(args, argv):
+    """--world_size K: this process is rank 0 and starts ranks 1..K-1; rank 0 gathers and reports."""
+    device_type = resolve_device(args.device).type
+    if device_type == "cuda" and args.world_size > torch.cuda.device_count():
+        raise InputError(f"--world_size {args.world_size}: only {torch.cuda.device_count()} CUDA device(s) available")
+    init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
+    context = torch.multiprocessing.get_context("spawn")
+    workers = [context.Process(target=evaluation_rank, args=(rank, args, argv, init_method, device_type),
+                               daemon=True) for rank in range(1, args.world_size)]
+    for worker in workers:
+        worker.start()
+    distributed.init_group(0, args.world_size, init_method, device_type)
+    try:
+        report = evaluate(args, argv)
+    except (RuntimeError, dist.DistBackendError) as err:
+        for worker in workers:
+            worker.terminate()
+        raise InputError(f"an evaluation process failed ({str(err).strip().splitlines()[0][:200]})") from None
+    except BaseException:
+        for worker in workers:  # they would wait for rank 0 in the gather until the group's timeout
+            worker.terminate()
+        raise
+    finally:
+        dist.destroy_process_group()
+    for worker in workers:
+        worker.join()
+    return report
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     model_paths = args.model_path + ([args.model_path2] if args.model_path2 else [])
@@ -549,8 +656,28 @@ def main(argv=None):
         raise InputError("give either --model_path (and optionally --model_path2) or --sims, not both or neither")
     if args.eccv and (args.fold5 or args.split != "testall"):
         raise InputError("--eccv scores the whole COCO testall split: use --split testall without --fold5")
-    if args.topk < 1 or args.shard_size < 1:
-        raise InputError("--topk and --shard_size must be positive")
+    if args.topk < 1 or args.shard_size < 1 or args.world_size < 1:
+        raise InputError("--topk, --shard_size and --world_size must be positive")
+    if args.sims and args.world_size > 1:
+        raise InputError("--world_size splits the scoring of a model; --sims matrices are already scored")
+    for output in (args.json, args.save_sims, args.save_ranks):
+        if output:
+            fileio.check_output(output)
+    if distributed.launched_by_torchrun():
+        distributed.init_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://",
+                               resolve_device(args.device).type)
+        try:
+            return evaluate(args, argv)
+        finally:
+            dist.destroy_process_group()
+    if args.world_size > 1:
+        return evaluate_spawned(args, argv)
+    return evaluate(args, argv)
+
+
+def evaluate(args, argv):
+    """Everything main does once the processes are set up; ranks other than 0 return None."""
+    model_paths = args.model_path + ([args.model_path2] if args.model_path2 else [])
     relevance = None
     if args.sims:
         if not (args.data_path and args.data_name):
@@ -566,6 +693,8 @@ def main(argv=None):
             out, opt, data_path, dataset = model_sims(args, path, whole)
             results.append(out)
             opts_used.append(opt)
+        if distributed.rank_and_world()[0] != 0:
+            return None
         data_name = opts_used[0].data_name
         if any(o.data_name != data_name for o in opts_used):
             raise InputError(f"{model_paths[1]}: trained on {opts_used[1].data_name}, "

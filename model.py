@@ -332,7 +332,10 @@ class EncoderSimilarity(nn.Module):
             vectors = nodes[:, :, 0]
         else:
             vectors, stats = self.SAF_module(nodes, node_mask)
-        return torch.sigmoid(self.sim_eval_w(vectors)).squeeze(-1), stats
+        # The score head stays fp32 under autocast: bf16 logits (8 bits of mantissa) would tie many
+        # pairs that fp32 ranks apart, and R@K and ASP are computed from the ranks of these scores.
+        with torch.autocast(vectors.device.type, enabled=False):
+            return torch.sigmoid(self.sim_eval_w(vectors.float())).squeeze(-1), stats
 
 
 class SimilarityModel(nn.Module):

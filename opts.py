@@ -62,6 +62,8 @@ def build_parser():
                         help="accumulate this many batches per optimizer step (a K-GPU recipe on one GPU)")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision")
     parser.add_argument("--val_images", default=0, type=int, help="validate on the first N dev images (0 = all)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                        help="numerics of validation's similarity matrix (scores and ranking stay fp32)")
     parser.add_argument("--dist_timeout", default=1800, type=int,
                         help="seconds a process waits for a lost peer before giving up (distributed runs)")
     return parser

@@ -8,12 +8,8 @@ train.py ...` works as well. Each process computes the loss on its own batch of 
 averages the gradients, and the learning rate is multiplied by world_size x accum_steps at run time
 (the stored option stays unscaled, so resuming or relaunching never scales it twice).
 """
-import argparse
-import datetime
 import logging
-import math
 import os
-import socket
 import sys
 import time
 
@@ -26,9 +22,11 @@ from tqdm import tqdm
 import data
 import evaluation
 import opts
-from checkpoint import load_checkpoint, load_weights, save_checkpoint
+from checkpoint import check_vocab, load_checkpoint, load_weights, save_checkpoint
 from daa_loss import DAALoss
+from distributed import free_port, init_group, launched_by_torchrun, process_device
 from errors import InputError, run
+from fileio import check_output
 from model import SimilarityModel
 from vocab import deserialize_vocab
 
@@ -76,13 +74,6 @@ def load_start_checkpoint(opt, path):
     return ckpt
 
 
-def free_port():
-    """An unused TCP port on the loopback interface for the process group's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -96,14 +87,22 @@ def set_learning_rate(opt, optimizer, epoch):
 
 
 # ------------------------------------------------------------------------------------------------
-# Validation and checkpoints (rank 0)
+# Validation and checkpoints
 
 
-def validate(opt, model, val_loaders, writer, step):
-    """R@K and ASP on the dev split; logs the original's TensorBoard scalars; returns the rsum."""
+def validate(opt, model, val_loaders, device, writer, step):
+    """R@K and ASP on the dev split; rank 0 logs the original's TensorBoard scalars and gets the rsum.
+
+    Every rank takes part: each scores its share of the (images x captions) matrix and rank 0 gathers
+    it (evaluation.compute_sims), so K processes validate K times faster instead of K times over.
+    Other ranks get None.
+    """
     image_loader, caption_loader, val_set = val_loaders
-    metrics = evaluation.validate(unwrap(model), image_loader, caption_loader, val_set.relevance, opt.device)
+    metrics = evaluation.validate(unwrap(model), image_loader, caption_loader, val_set.relevance, device,
+                                  precision_name=opt.precision)
     model.train()
+    if metrics is None:
+        return None
     i2t, t2i = metrics["i2t"], metrics["t2i"]
     log.info("validation  i2t R@1 %.1f R@5 %.1f R@10 %.1f ASP %.1f | t2i R@1 %.1f R@5 %.1f R@10 %.1f ASP %.1f | "
              "rsum %.1f", i2t["r1"], i2t["r5"], i2t["r10"], i2t["asp"], t2i["r1"], t2i["r5"], t2i["r10"],
@@ -136,23 +135,16 @@ def train_process(rank, opt, init_method):
     distributed = opt.world_size > 1
     logging.basicConfig(format=f"%(asctime)s [rank {rank}] %(message)s", level=logging.INFO if rank == 0 else logging.WARNING)
     if distributed:
-        backend = "nccl" if opt.device == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=opt.world_size,
-                                timeout=datetime.timedelta(seconds=opt.dist_timeout))
-    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if opt.device == "cuda" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    opt.device = str(device)
+        init_group(rank, opt.world_size, init_method, opt.device, opt.dist_timeout)
+    device = process_device(opt.device, rank)
 
     vocab = deserialize_vocab(vocab_file(opt))
     opt.vocab_size = len(vocab)
     torch.manual_seed(opt.seed)  # identical initial weights on every rank
     train_loader = data.get_train_loader(opt, vocab, distributed)
-    val_loaders = None
-    if rank == 0:
-        max_captions = 5 * opt.val_images if opt.val_images else None
-        val_loaders = data.get_eval_loaders(opt.data_path, opt.data_name, "dev", vocab, opt.batch_size,
-                                            opt.workers, max_captions=max_captions)
+    max_captions = 5 * opt.val_images if opt.val_images else None
+    val_loaders = data.get_eval_loaders(opt.data_path, opt.data_name, "dev", vocab, opt.batch_size,
+                                        opt.workers, max_captions=max_captions)
 
     model = SimilarityModel(opt).to(device)
     start_epoch, best_rsum, iterations, ckpt = 0, 0.0, 0, None
@@ -167,15 +159,18 @@ def train_process(rank, opt, init_method):
     optimizer = torch.optim.Adam(model.parameters(), lr=opt.learning_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=opt.amp == "fp16")
     if opt.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if "optimizer" in ckpt:  # the original release's checkpoints hold weights only
+            optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt.get("scaler", {}))
         start_epoch, best_rsum, iterations = ckpt["epoch"], ckpt["best_rsum"], ckpt["Eiters"]
-        if "rng" in ckpt:
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device.type == "cuda" and "cuda" in ckpt["rng"]:
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    if not opt.resume:
-        torch.manual_seed(opt.seed + 1 + rank)  # dropout differs between ranks, as with independent GPUs
+    if opt.resume and rank == 0 and "rng" in ckpt:
+        # rank 0's RNG state is in the checkpoint: a single-process resume continues bit for bit
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    else:
+        # dropout differs between ranks, as with independent GPUs, and between resumed epochs
+        torch.manual_seed(opt.seed + 1 + rank + 1000 * start_epoch)
 
     writer = None
     if rank == 0:
@@ -232,27 +227,23 @@ def train_process(rank, opt, init_method):
                     log.info("epoch %d [%d/%d] %s batch %.3fs data %.3fs", epoch, i + 1, len(train_loader),
                              " ".join(f"{k} {v:.4f}" for k, v in values.items()), batch_time, data_time)
             if iterations % opt.val_step == 0:
-                if rank == 0:
-                    rsum = validate(opt, model, val_loaders, writer, iterations)
-                    if rsum > best_rsum:
-                        best_rsum = rsum
-                        save("model_best.pth.tar", epoch)
-                if distributed:
-                    dist.barrier()
+                rsum = validate(opt, model, val_loaders, device, writer, iterations)
+                if rank == 0 and rsum > best_rsum:
+                    best_rsum = rsum
+                    save("model_best.pth.tar", epoch)  # mid-epoch: a resume from it redoes this epoch
         # end of epoch: validate, then save checkpoint_{epoch} and, when best, model_best
+        rsum = validate(opt, model, val_loaders, device, writer, iterations)
         if rank == 0:
-            rsum = validate(opt, model, val_loaders, writer, iterations)
             is_best = rsum > best_rsum
             best_rsum = max(rsum, best_rsum)
             save(f"checkpoint_{epoch}.pth.tar", epoch + 1)
             if is_best:
                 save("model_best.pth.tar", epoch + 1)
-        if distributed:
-            dist.barrier()
     if rank == 0:
         writer.close()
         log.info("done: best rsum %.2f, checkpoints in %s", best_rsum, opt.model_name)
     if distributed:
+        dist.barrier()  # no process leaves while rank 0 still writes the last checkpoint
         dist.destroy_process_group()
 
 
@@ -283,16 +274,24 @@ def main(argv=None):
     if opt.batch_size > len(train_set):
         raise InputError(f"--batch_size {opt.batch_size} is larger than the {len(train_set)} training captions of "
                          f"{os.path.join(opt.data_path, opt.data_name)}")
+    data.PrecompDataset(opt.data_path, opt.data_name, "dev", vocab, 5 * opt.val_images if opt.val_images else None)
     if opt.resume or opt.init_from:
-        load_start_checkpoint(opt, opt.resume or opt.init_from)
+        start = opt.resume or opt.init_from
+        check_vocab(load_start_checkpoint(opt, start), start, vocab, vocab_file(opt))
+    for folder in (opt.model_name, opt.logger_name):
+        check_output(folder, folder=True)
 
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+    if launched_by_torchrun():
         opt.world_size = int(os.environ["WORLD_SIZE"])
         train_process(int(os.environ["RANK"]), opt, "env://")
     elif opt.world_size > 1:
         init_method = f"tcp://127.0.0.1:{free_port()}"
         try:
-            mp.spawn(spawned_process, args=(opt, init_method), nprocs=opt.world_size, join=True)
+            processes = mp.spawn(spawned_process, args=(opt, init_method), nprocs=opt.world_size, join=False)
+            # When one process fails, the others get 2 s to leave, then SIGTERM, then SIGKILL (the default 30 s
+            # per step would keep a hung peer alive for a minute; checkpoints are atomic, nothing is lost).
+            while not processes.join(grace_period=2):
+                pass
         except mp.ProcessExitedException as err:
             raise InputError(f"training process {err.error_index} stopped (exit code {err.exit_code}); "
                              f"the run was ended, see the lines above") from None
