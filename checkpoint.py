@@ -8,6 +8,7 @@ reads both our files and the released ones. Keys may carry DDP's `module.` prefi
 import argparse
 import os
 import time
+import warnings
 
 import torch
 
@@ -33,11 +34,12 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise InputError(f"{path}: checkpoint not found")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # warnings: torch warns about unusual pickle protocols before refusing them; the error says enough
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a loadable checkpoint ({reason[:200]})") from None
+        raise InputError(f"{path}: not a loadable checkpoint ({load_failure(err)[:200]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "opt" not in ckpt:
         raise InputError(f"{path}: not a checkpoint of this project (needs 'model' and 'opt' keys)")
     model = ckpt["model"]
@@ -47,6 +49,35 @@ def load_checkpoint(path):
         raise InputError(f"{path}: 'opt' is not an argparse.Namespace")
     opts.with_defaults(ckpt["opt"])
     return ckpt
+
+
+def load_failure(err):
+    """The useful line of torch.load's exception. For a weights_only refusal, what was refused: torch's
+    advice to retry with weights_only=False is wrong here, that would run the file's code."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        boilerplate = ("Please file an issue", "Check the documentation")
+        details = [line for line in lines[1:] if not line.startswith(boilerplate)]
+        return "holds objects other than tensors and plain types, not loaded: " + (details[0] if details else "")
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def check_vocab(ckpt, path, vocab, vocab_path):
+    """InputError unless `vocab` (read from `vocab_path`) is the one checkpoint `path` was trained with.
+
+    The text encoder's embedding needs one row per word; and where the checkpoint stores its word2idx
+    (ours do), every word must keep its id: a vocabulary rebuilt from other files or in another order can
+    have the same size and would silently send every caption through the wrong embeddings.
+    """
+    embed = strip_module_prefix(ckpt["model"][1]).get("embed.weight")
+    if embed is not None and embed.shape[0] != len(vocab):
+        raise InputError(f"{vocab_path}: {len(vocab)} words, but the embedding of {path} has {embed.shape[0]} "
+                         f"rows (not the vocabulary it was trained with)")
+    stored = ckpt.get("vocab")
+    if isinstance(stored, dict) and stored != vocab.word2idx:
+        changed = sorted(w for w in stored.keys() | vocab.word2idx.keys() if stored.get(w) != vocab.word2idx.get(w))
+        raise InputError(f"{vocab_path}: {len(changed)} words have other ids than in the vocabulary stored in "
+                         f"{path} (e.g. {changed[0]!r}); not the vocabulary it was trained with")
 
 
 def strip_module_prefix(state_dict):

@@ -11,6 +11,7 @@ loader workers by a picklable collate object.
 """
 import functools
 import os
+import zipfile
 
 import h5py
 import numpy as np
@@ -86,7 +87,7 @@ class FeatureStore:
         else:
             try:
                 array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError, EOFError) as err:
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # np.load reads 'PK...' as .npz
                 raise InputError(f"{self.path}: not a .npy array file ({err})") from None
             if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
                 raise InputError(f"{self.path}: not a numeric .npy array")
@@ -132,13 +133,14 @@ class PrecompDataset(Dataset):
                 raise InputError(f"max_captions must be a positive multiple of {CAPTIONS_PER_IMAGE} (got {max_captions})")
             captions = captions[:max_captions]
         self.split, self.vocab, self.captions = split, vocab, captions
+        self.captions_path = os.path.join(directory, f"{split}_caps.txt")
         self.n_captions = len(captions)
         self.n_images = self.n_captions // CAPTIONS_PER_IMAGE
 
     @functools.cached_property
     def relevance(self):
         """SemanticRelevance of this split's captions (TF-IDF fit on the captions used, i.e. after the cut)."""
-        return SemanticRelevance(self.captions, CAPTIONS_PER_IMAGE)
+        return SemanticRelevance(self.captions, CAPTIONS_PER_IMAGE, self.captions_path)
 
     def image(self, image_index):
         return torch.from_numpy(self.features[image_index])

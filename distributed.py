@@ -24,9 +24,16 @@ def launched_by_torchrun():
 
 
 def init_group(rank, world_size, init_method, device_type, timeout_s=1800):
-    """Join the process group: nccl when the processes use GPUs, gloo otherwise."""
+    """Join the process group: nccl when the processes use GPUs, gloo otherwise.
+
+    CPU processes share the cores: each gets its share of threads, since K processes with a thread per
+    core each oversubscribe the machine K times (measured on 2 busy cores, 2 processes: 5.9 s a training
+    step with 2 threads each, 0.15 s with 1).
+    """
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=init_method, rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    if device_type != "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 
 def rank_and_world():
@@ -37,9 +44,14 @@ def rank_and_world():
 
 
 def process_device(device_type, rank):
-    """The device of process `rank`: its own GPU (round robin over the visible ones) or the CPU."""
+    """The device of process `rank`: its own GPU or the CPU.
+
+    Under torchrun the GPU is LOCAL_RANK (the rank within this node, multi-node runs included);
+    otherwise the processes of this machine are ranks 0..K-1, round robin over the visible GPUs.
+    """
     if device_type != "cuda":
         return torch.device("cpu")
-    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}")
+    local_rank = int(os.environ["LOCAL_RANK"]) if launched_by_torchrun() else rank
+    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
     torch.cuda.set_device(device)
     return device

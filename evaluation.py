@@ -540,9 +540,7 @@ def relevance_of_split(data_path, data_name, split):
     if split == "dev":
         captions = captions[:data.DEV_MAX_CAPTIONS]
     path = os.path.join(data_path, data_name, f"{split}_caps.txt")
-    if len(captions) % data.CAPTIONS_PER_IMAGE:
-        raise InputError(f"{path}: {len(captions)} captions is not a multiple of {data.CAPTIONS_PER_IMAGE}")
-    return SemanticRelevance(captions, data.CAPTIONS_PER_IMAGE), path
+    return SemanticRelevance(captions, data.CAPTIONS_PER_IMAGE, path), path
 
 
 def load_vocab(args, ckpt, opt, path):
@@ -631,6 +629,7 @@ def evaluate_spawned(args, argv):
                                daemon=True) for rank in range(1, args.world_size)]
     for worker in workers:
         worker.start()
+    threads = torch.get_num_threads()  # init_group shares the CPU threads out; give them back afterwards
     distributed.init_group(0, args.world_size, init_method, device_type)
     try:
         report = evaluate(args, argv)
@@ -644,6 +643,7 @@ def evaluate_spawned(args, argv):
         raise
     finally:
         dist.destroy_process_group()
+        torch.set_num_threads(threads)
     for worker in workers:
         worker.join()
     return report

@@ -7,19 +7,50 @@ truncated: everything is written under a temporary name in the same directory an
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 
 from errors import InputError
 
 
+def check_output(path, folder=False):
+    """InputError unless `path` (a file, or a folder with folder=True) can be created or replaced.
+
+    A folder where a file is wanted (or a file where a folder is), a parent path that is a file or not
+    writable: scripts call this before their work, so that a bad output path fails at once with its
+    name rather than with a traceback after hours of computing.
+    """
+    shown = os.fspath(path)
+    path = os.path.abspath(shown)
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{shown}: exists and is not a folder")
+    if not folder and os.path.isdir(path):
+        raise InputError(f"{shown}: is a folder, expected a file name")
+    parent = path if folder else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"{shown}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{shown}: cannot be created, {parent} is not writable")
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to `path`; on success rename it to `path`, on failure remove it."""
+    """Yield a temporary path next to `path`; on success rename it to `path`, on failure remove it.
+
+    The temporary file gets the mode open() would give `path` (0o666 less the umask), not
+    tempfile.mkstemp's 0o600, which would leave checkpoints and results unreadable to the user's group.
+    Its name, `.{name}.{pid}.{random}.tmp`, never looks like a finished file.
+    """
     path = os.fspath(path)
+    check_output(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as err:
+        raise InputError(f"{path}: cannot be written ({err.strerror})") from None
     try:
         yield tmp
         with open(tmp, "rb+") as f:

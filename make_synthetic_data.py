@@ -228,6 +228,8 @@ def main(argv=None):
     unknown = set(opt.rows_per_caption) - {"train", "dev", "test", "testall"}
     if unknown:
         raise InputError(f"--rows_per_caption: unknown split(s) {sorted(unknown)}")
+    for folder in (opt.out_dir, opt.vocab_dir, opt.ann_dir):  # before writing anything: no half-made dataset
+        fileio.check_output(folder, folder=True)
 
     rng = np.random.default_rng(opt.seed)
     world = World(rng, opt.feat_dim)

@@ -35,6 +35,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.max_thres < 1:
         raise errors.InputError(f"--max_thres must be at least 1, got {args.max_thres}")
+    if args.json:
+        fileio.check_output(args.json)
     paths = [args.path1] + ([args.path2] if args.path2 else [])
     sims = load_sims(paths)
     ids_path = os.path.join(args.dataset_root, "testall_ids.txt")
