@@ -1,0 +1,139 @@
+"""Figures for the README: training curves from TensorBoard logs, and the DAA ablation as bars.
+
+    python plot_results.py --logs demo_output/logs/SGR demo_output/logs/SAF --out_dir assets
+    python plot_results.py --ablation assets/ablation.json --out_dir assets
+
+--logs: one or more train.py --logger_name folders (the legend uses each folder's name); writes
+{out_dir}/training_curves.png with the hinge (contrastive) loss, the two DAA terms, and the dev rsum
+and ASP that train.py logs after every epoch. --ablation: the JSON written by ablation.py; writes
+{out_dir}/ablation_daa.png with R@1, ASP and PMRP of every DAA setting (mean over seeds, error bars
+one standard deviation). The logs are read with TensorBoard's own EventAccumulator, so any run
+TensorBoard shows can be plotted.
+"""
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed (CI, remote machines)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import errors  # noqa: E402
+import fileio  # noqa: E402
+from errors import InputError  # noqa: E402
+
+# The scalars train.py writes (names of the original code): per logged iteration and per validation.
+LOSS_TAGS = ("contrastive_loss", "daa_i2t_loss", "daa_t2i_loss")
+VALIDATION_TAGS = ("r_sum", "ASP", "ASPi")
+
+
+def read_scalars(log_dir):
+    """{tag: (steps int64 (n,), values float64 (n,))} of every scalar in a TensorBoard log folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not os.path.isdir(log_dir):
+        raise InputError(f"{log_dir}: TensorBoard log folder not found")
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})  # 0 = keep every point, not a sample
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    missing = [t for t in LOSS_TAGS + VALIDATION_TAGS if t not in tags]
+    if missing:
+        raise InputError(f"{log_dir}: no train.py scalars {', '.join(missing)} in the TensorBoard log "
+                         f"(found: {', '.join(tags) or 'none'})")
+    return {tag: (np.array([e.step for e in events.Scalars(tag)], dtype=np.int64),
+                  np.array([e.value for e in events.Scalars(tag)], dtype=np.float64)) for tag in tags}
+
+
+def smooth(values, points=25):
+    """Moving average over about len/points values (edges use what is there): per-batch losses are noisy."""
+    window = max(1, len(values) // points)
+    kernel = np.ones(window)
+    return np.convolve(values, kernel, "same") / np.convolve(np.ones(len(values)), kernel, "same")
+
+
+def plot_training(runs, path):
+    """2x2 panels: hinge loss (log scale), DAA terms, dev rsum, dev ASP; one colour per run."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    (loss_ax, daa_ax), (rsum_ax, asp_ax) = axes
+    for k, (name, scalars) in enumerate(runs):
+        colour = f"C{k}"
+        steps, values = scalars["contrastive_loss"]
+        loss_ax.plot(steps, values, color=colour, alpha=0.2, lw=0.8)
+        loss_ax.plot(steps, smooth(values), color=colour, label=name)
+        for tag, style, direction in (("daa_i2t_loss", "-", "i2t"), ("daa_t2i_loss", "--", "t2i")):
+            steps, values = scalars[tag]
+            daa_ax.plot(steps, smooth(values), color=colour, ls=style, label=f"{name} {direction}")
+        rsum_ax.plot(*scalars["r_sum"], color=colour, marker="o", ms=3, label=name)
+        for tag, style, direction in (("ASP", "-", "i2t"), ("ASPi", "--", "t2i")):
+            asp_ax.plot(*scalars[tag], color=colour, ls=style, marker="o", ms=3, label=f"{name} {direction}")
+    # The hinge loss sums all violations in the warm-up epochs and keeps only the hardest after: log scale.
+    loss_ax.set(yscale="log", title="hinge triplet loss (per batch)", ylabel="loss")
+    daa_ax.set(title="DAA terms: weight x (1 - ASP_soft), smoothed", ylabel="loss")
+    rsum_ax.set(title="dev rsum (R@1+5+10, both directions)", ylabel="rsum")
+    asp_ax.set(title="dev ASP", ylabel="ASP (%)")
+    for ax in axes.flat:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_ablation(report, path):
+    """Three panels (R@1, ASP, PMRP), each with i2t and t2i groups of one bar per DAA setting."""
+    variants = report["variants"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    width = 0.8 / len(variants)
+    for ax, (metric, title) in zip(axes, (("r1", "R@1"), ("asp", "ASP"), ("pmrp", "PMRP"))):
+        for k, variant in enumerate(variants):
+            x = np.arange(2) + (k - (len(variants) - 1) / 2) * width
+            means = [variant["mean"][d][metric] for d in ("i2t", "t2i")]
+            stds = [variant["std"][d][metric] for d in ("i2t", "t2i")]
+            bars = ax.bar(x, means, width, yerr=stds, capsize=3, color=f"C{k}", label=variant["name"])
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        low = min(v["mean"][d][metric] - v["std"][d][metric] for v in variants for d in ("i2t", "t2i"))
+        high = max(v["mean"][d][metric] + v["std"][d][metric] for v in variants for d in ("i2t", "t2i"))
+        margin = max(1.0, 0.25 * (high - low))  # zoom on the differences, which are small next to the values
+        ax.set(xticks=[0, 1], xticklabels=["image-to-text", "text-to-image"], title=title,
+               ylim=(max(0.0, low - margin), high + margin))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"DAA ablation: mean ± std over {len(report['seeds'])} seeds ({report['scope']})", fontsize=10)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def save(fig, path):
+    """Write the PNG atomically (a figure the README links to is never half-written)."""
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def build_parser():
+    p = errors.ArgumentParser(description="Training curves (TensorBoard logs) and the DAA ablation chart.")
+    p.add_argument("--logs", nargs="+", default=[], help="train.py --logger_name folders -> training_curves.png")
+    p.add_argument("--ablation", default=None, help="ablation.py's JSON -> ablation_daa.png")
+    p.add_argument("--out_dir", default="assets", help="folder for the PNG files")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not args.logs and not args.ablation:
+        raise InputError("nothing to plot: give --logs and/or --ablation")
+    fileio.check_output(args.out_dir, folder=True)
+    if args.logs:
+        runs = [(os.path.basename(os.path.normpath(d)), read_scalars(d)) for d in args.logs]
+        plot_training(runs, os.path.join(args.out_dir, "training_curves.png"))
+    if args.ablation:
+        report = fileio.read_json(args.ablation, "ablation JSON")
+        if not report.get("variants"):
+            raise InputError(f"{args.ablation}: no 'variants' (expected the JSON written by ablation.py)")
+        plot_ablation(report, os.path.join(args.out_dir, "ablation_daa.png"))
+
+
+if __name__ == "__main__":
+    sys.exit(errors.run(main))

@@ -1,0 +1,195 @@
+"""The whole pipeline end to end on built-in synthetic data, one real script after another.
+
+    python run_demo.py [--out_dir demo_output] [--quick]
+
+Steps (each is the project's own script run as `python script.py ...`, printed before it runs, so
+what you see is what you would type on real data):
+  1. make_synthetic_data.py  a small COCO in the SCAN precomp layout + COCO-format annotations
+  2. np2h.py                 {split}_ims.npy -> {split}.h5
+  3. vocab.py                the vocabulary JSON from the train + dev captions
+  4. train.py                SGR, then SAF, both with DAA (CPU-sized models, a few epochs)
+  5. evaluation.py           SGR, SAF and the SGRAF ensemble (--model_path + --model_path2) on testall:
+                             1K (mean of 5 folds) and 5K (whole split), saving each similarity matrix
+  6. pmrp_evaluation.py      PMRP of each matrix, 5 folds and whole split
+  7. plot_results.py         training curves from the TensorBoard logs
+and finally one table in the paper's shape: {out_dir}/results.md and results.json.
+
+The synthetic testall has far fewer than 5,000 images (see SIZES), so "1K" means "mean over 5 folds
+of n/5 images" and "5K" means "all n images", the same protocol at a smaller scale. The numbers
+show that the pipeline learns (they are far above chance), not what the models reach on COCO.
+--quick uses tiny sizes and two epochs (tests/test_demo.py); its numbers mean nothing.
+Each run starts from scratch: the demo's own sub-folders of --out_dir are removed first.
+"""
+import importlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import errors
+import fileio
+from errors import InputError
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+IN_PROCESS = False  # set by --in_process
+
+# Dataset sizes (images per split) and model/training settings. "full" takes ~8 minutes on 2 CPU cores;
+# "quick" well under a minute. A high learning rate with the violations summed (--warmup_epochs) learns
+# fast; hardest-negative mining from the first step learns very slowly on small data, and at that high
+# rate it collapses (dev R@1 near 0), hence the 10x lower rate when it starts (--lr_update = warm-up).
+SIZES = {
+    "full": {"n_train": 300, "n_dev": 50, "n_test": 50, "n_testall": 250, "feat_dim": 64},
+    "quick": {"n_train": 40, "n_dev": 10, "n_test": 10, "n_testall": 25, "feat_dim": 32},
+}
+TRAINING = {
+    "full": {"word_dim": 32, "embed_size": 64, "sim_dim": 32, "batch_size": 32, "num_epochs": 6,
+             "learning_rate": 0.005, "warmup_epochs": 3, "lr_update": 3, "daa_weight": 1, "log_step": 10},
+    "quick": {"word_dim": 16, "embed_size": 32, "sim_dim": 16, "batch_size": 16, "num_epochs": 2,
+              "learning_rate": 0.005, "warmup_epochs": 1, "lr_update": 1, "daa_weight": 1, "log_step": 2},
+}
+DATA_NAME = "coco_precomp"
+MODELS = ("SAF", "SGR", "SGRAF")  # row order of the paper's tables
+N_STEPS = 3 + 2 + 3 * 3 + 1  # data, training, evaluation + 2 PMRP per model, plot
+SUBDIRS = ("data", "vocab", "coco_ann", "runs", "logs", "eval")  # what a run writes (and removes first)
+
+
+def run_script(script, args, title):
+    """Run `python script args...`, printing the command first and its time after; InputError if it fails.
+
+    The child inherits the terminal, so its progress bars and messages appear as they would when typed.
+    With IN_PROCESS the script's main(argv) is called in this process instead (what the command would
+    do, without a Python start-up and imports per step: the tests use it to stay fast).
+    """
+    path = os.path.join(ROOT, script)
+    argv = [str(a) for a in args]
+    shown = shlex.join(["python", os.path.relpath(path)] + argv)  # `python train.py ...` from the repository
+    print(f"\n{'=' * 8} {title}\n$ {shown}", flush=True)
+    start = time.time()
+    if IN_PROCESS:
+        status = errors.run(importlib.import_module(os.path.splitext(script)[0]).main, argv)
+    else:
+        status = subprocess.run([sys.executable, path] + argv).returncode
+    if status:
+        raise InputError(f"{script} exited with code {status} (its message is above); the command was: {shown}")
+    print(f"({script}: {time.time() - start:.1f} s)", flush=True)
+
+
+def train_args(size, training, data_path, vocab_path, module_name, model_dir, log_dir, seed=0, extra=()):
+    """train.py's arguments for one CPU-sized run on the synthetic data."""
+    args = ["--data_path", data_path, "--data_name", DATA_NAME, "--vocab_path", vocab_path,
+            "--model_name", model_dir, "--logger_name", log_dir, "--module_name", module_name,
+            "--img_dim", SIZES[size]["feat_dim"], "--seed", seed]
+    for name, value in training.items():
+        args += [f"--{name}", value]
+    return args + list(extra)
+
+
+def make_data(size, out_dir, step):
+    """Steps 1-3: synthetic COCO, HDF5 features, vocabulary. Returns (data_path, vocab_path, ann_root)."""
+    data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
+    sizes = [a for name, value in SIZES[size].items() for a in (f"--{name}", value)]
+    run_script("make_synthetic_data.py", ["--out_dir", data_path, "--vocab_dir", vocab_path, "--ann_dir", ann_root,
+                                          "--datasets", DATA_NAME] + sizes, step("synthetic COCO"))
+    run_script("np2h.py", ["--data_path", data_path, "--data_name", DATA_NAME], step("features to HDF5"))
+    # The maker wrote a vocabulary already; vocab.py rebuilds it here exactly as for real captions.
+    run_script("vocab.py", ["--data_path", data_path, "--data_name", DATA_NAME, "--vocab_path", vocab_path],
+               step("vocabulary"))
+    return data_path, vocab_path, ann_root
+
+
+def direction_row(evaluation, pmrp, direction):
+    """One direction of a table row: R@1/5/10 and ASP from evaluation.py's block, PMRP from pmrp_evaluation.py's."""
+    return {"r1": evaluation[direction]["r1"], "r5": evaluation[direction]["r5"], "r10": evaluation[direction]["r10"],
+            "pmrp": pmrp[direction]["pmrp"], "asp": evaluation[direction]["asp"]}
+
+
+def results_table(rows):
+    """The rows as a Markdown table in the shape of the paper's (SPEC section 1)."""
+    head = ("| data | model | i2t R@1 | R@5 | R@10 | PMRP | ASP | t2i R@1 | R@5 | R@10 | PMRP | ASP |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    keys = ("r1", "r5", "r10", "pmrp", "asp")
+    return head + "".join(
+        f"| {row['data']} | {row['model']} | " + " | ".join(f"{row[d][k]:.1f}" for d in ("i2t", "t2i") for k in keys)
+        + " |\n" for row in rows)
+
+
+def build_parser():
+    p = errors.ArgumentParser(description="End-to-end demo on synthetic COCO: data, training, evaluation, table.")
+    p.add_argument("--out_dir", default="demo_output", help="everything the demo writes goes here")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 epochs (< 1 minute; for tests)")
+    p.add_argument("--in_process", action="store_true",
+                   help="call each script's main() in this process instead of starting `python script.py`")
+    return p
+
+
+def main(argv=None):
+    global IN_PROCESS
+    args = build_parser().parse_args(argv)
+    IN_PROCESS = args.in_process
+    size = "quick" if args.quick else "full"
+    fileio.check_output(args.out_dir, folder=True)
+    out_dir = args.out_dir
+    for sub in SUBDIRS:
+        shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+    start = time.time()
+    done = []
+
+    def step(title):
+        done.append(title)
+        return f"[{len(done)}/{N_STEPS}] {title}"
+
+    data_path, vocab_path, ann_root = make_data(size, out_dir, step)
+    coco_root = os.path.join(data_path, DATA_NAME)
+    checkpoints = {}
+    for module in ("SGR", "SAF"):
+        model_dir = os.path.join(out_dir, "runs", module)
+        run_script("train.py", train_args(size, TRAINING[size], data_path, vocab_path, module, model_dir,
+                                          os.path.join(out_dir, "logs", module)), step(f"train {module} with DAA"))
+        checkpoints[module] = os.path.join(model_dir, "model_best.pth.tar")
+
+    files, rows = {}, []
+    for model in ("SGR", "SAF", "SGRAF"):
+        paths = [checkpoints["SGR"], checkpoints["SAF"]] if model == "SGRAF" else [checkpoints[model]]
+        names = {key: os.path.join("eval", f"{model}{suffix}") for key, suffix in
+                 (("sims", ".npy"), ("evaluation", ".json"), ("pmrp_1k", "_pmrp_1k.json"), ("pmrp_5k", "_pmrp_5k.json"))}
+        where = {key: os.path.join(out_dir, name) for key, name in names.items()}
+        models = ["--model_path", paths[0]] + (["--model_path2", paths[1]] if len(paths) == 2 else [])
+        run_script("evaluation.py", models + ["--data_path", data_path, "--vocab_path", vocab_path,
+                                              "--split", "testall", "--fold5", "--save_sims", where["sims"],
+                                              "--json", where["evaluation"]], step(f"evaluate {model}: 1K and 5K"))
+        for key, n_fold in (("pmrp_1k", 5), ("pmrp_5k", 0)):
+            run_script("pmrp_evaluation.py", ["--path1", where["sims"], "--n_fold", n_fold, "--dataset_root", coco_root,
+                                              "--ann_root", ann_root, "--json", where[key]],
+                       step(f"PMRP of {model}, {'5 folds' if n_fold else 'whole split'}"))
+        files[model] = names
+    run_script("plot_results.py", ["--logs"] + [os.path.join(out_dir, "logs", m) for m in ("SGR", "SAF")]
+               + ["--out_dir", out_dir], step("training curves"))
+
+    n_images = SIZES[size]["n_testall"]
+    scopes = (("1K", f"COCO 1K: mean of 5 folds of {n_images // 5} images", "pmrp_1k", lambda e: e),
+              ("5K", f"COCO 5K: all {n_images} images", "pmrp_5k", lambda e: e["all"]))
+    for scope, label, pmrp_key, block in scopes:
+        for model in MODELS:
+            evaluation = block(fileio.read_json(os.path.join(out_dir, files[model]["evaluation"]), "evaluation JSON"))
+            pmrp = fileio.read_json(os.path.join(out_dir, files[model][pmrp_key]), "PMRP JSON")
+            rows.append({"scope": scope, "data": label, "model": model,
+                         "i2t": direction_row(evaluation, pmrp, "i2t"), "t2i": direction_row(evaluation, pmrp, "t2i")})
+    wall = time.time() - start
+    table = results_table(rows)
+    note = (f"Synthetic COCO-layout data ({SIZES[size]['n_train']} training images, testall {n_images} images); "
+            f"chance R@1 is {100 * 5 / n_images:.1f} (1K folds) and {100 / n_images:.1f} (5K). "
+            f"R@K, ASP and PMRP in percent. Wall time {wall / 60:.1f} min.\n")
+    fileio.write_json({"size": size, "sizes": SIZES[size], "training": TRAINING[size], "data_name": DATA_NAME,
+                       "rows": rows, "files": files, "wall_time_s": round(wall, 1)},
+                      os.path.join(out_dir, "results.json"))
+    with fileio.atomic_path(os.path.join(out_dir, "results.md")) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(table + "\n" + note)
+    print(f"\n{table}\n{note}\nwritten: " + ", ".join(os.path.join(out_dir, name) for name in
+                                              ("results.md", "results.json", "training_curves.png")))
+
+
+if __name__ == "__main__":
+    sys.exit(errors.run(main))

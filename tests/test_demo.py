@@ -1,0 +1,85 @@
+"""run_demo.py end to end (quick sizes), its table against a recomputation from the saved matrices; the plots."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import errors
+import evaluation
+import plot_results
+import run_demo
+from pmrp_com.pmrp import instance_codes, pmrp_scores, read_image_ids
+
+KEYS = ("r1", "r5", "r10", "pmrp", "asp")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The quick demo, run once in this process (no interpreter start-up per step)."""
+    out_dir = str(tmp_path_factory.mktemp("demo"))
+    assert errors.run(run_demo.main, ["--quick", "--in_process", "--out_dir", out_dir]) == 0
+    run_demo.IN_PROCESS = False
+    return out_dir
+
+
+def test_table_has_every_row_with_numbers_in_range(demo):
+    with open(os.path.join(demo, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    assert [(r["scope"], r["model"]) for r in results["rows"]] == [
+        (scope, model) for scope in ("1K", "5K") for model in ("SAF", "SGR", "SGRAF")]
+    for row in results["rows"]:
+        for d in ("i2t", "t2i"):
+            values = row[d]
+            assert all(0.0 <= values[k] <= 100.0 for k in KEYS), row
+            assert values["r1"] <= values["r5"] <= values["r10"]
+    with open(os.path.join(demo, "results.md"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    rows = [line for line in lines if line.startswith("| COCO")]
+    assert len(rows) == 6 and all(line.count("|") == 13 for line in rows)
+    with open(os.path.join(demo, "training_curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_equals_a_recomputation_from_the_saved_matrices(demo):
+    with open(os.path.join(demo, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    data_path = os.path.join(demo, "data")
+    coco_root = os.path.join(data_path, run_demo.DATA_NAME)
+    relevance, _ = evaluation.relevance_of_split(data_path, run_demo.DATA_NAME, "testall")
+    sems = relevance.matrix()
+    sims = {m: np.load(os.path.join(demo, results["files"][m]["sims"])) for m in run_demo.MODELS}
+    # SGRAF is the mean of the SGR and SAF matrices (computed by evaluation.py from the two checkpoints).
+    np.testing.assert_allclose(sims["SGRAF"], (sims["SGR"] + sims["SAF"]) / 2, atol=1e-6)
+    codes = instance_codes(os.path.join(demo, "coco_ann", "instances_val2014.json"),
+                           read_image_ids(os.path.join(coco_root, "testall_ids.txt"), sems.shape[0]))
+    for row in results["rows"]:
+        matrix = sims[row["model"]]
+        if row["scope"] == "1K":
+            scores, pmrp = evaluation.score_folds(matrix, sems), pmrp_scores(matrix, codes, n_fold=5)
+        else:
+            scores, pmrp = evaluation.score_matrix(matrix, sems), pmrp_scores(matrix, codes, n_fold=0)
+        for d in ("i2t", "t2i"):
+            expected = {k: scores[d][k] for k in ("r1", "r5", "r10", "asp")}
+            expected["pmrp"] = pmrp[d]["pmrp"]
+            assert row[d] == pytest.approx(expected, abs=1e-9), (row["scope"], row["model"], d)
+
+
+def test_a_failing_step_stops_the_demo_with_one_line(tmp_path):
+    with pytest.raises(errors.InputError, match=r"np2h\.py exited with code 2 .*the command was: python .*np2h\.py"):
+        run_demo.run_script("np2h.py", ["--data_path", str(tmp_path / "missing"), "--data_name", "x"], "np2h")
+
+
+def test_ablation_chart_and_bad_input(tmp_path, capsys):
+    directions = {d: {"r1": 20.0, "r5": 50.0, "r10": 70.0, "asp": 55.0, "pmrp": 30.0} for d in ("i2t", "t2i")}
+    spread = {d: {k: 1.0 for k in directions[d]} for d in directions}
+    report = {"scope": "test", "seeds": [0, 1, 2],
+              "variants": [{"name": name, "mean": directions, "std": spread} for name in ("off", "paper", "reference")]}
+    path = tmp_path / "ablation.json"
+    path.write_text(json.dumps(report), encoding="utf-8")
+    assert errors.run(plot_results.main, ["--ablation", str(path), "--out_dir", str(tmp_path)]) == 0
+    assert (tmp_path / "ablation_daa.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert errors.run(plot_results.main, ["--logs", str(tmp_path / "nope"), "--out_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0] and "not found" in err[0]
