@@ -1,6 +1,6 @@
 """What DAA does: the same training with DAA off, with the paper's DAA and with the released code's, over seeds.
 
-    python ablation.py [--out_dir ablation_output] [--seeds 0 1 2] [--module_name SGR] [--daa_weight 1]
+    python ablation.py [--out_dir ablation_output] [--seeds 0 1 2] [--module_name SAF] [--daa_weight 1]
     python plot_results.py --ablation ablation_output/ablation.json --out_dir assets
 
 On the demo's synthetic COCO (run_demo.SIZES["full"], written once into --out_dir), every setting is
@@ -81,9 +81,8 @@ def build_parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (>= 2 for a std)")
     p.add_argument("--module_name", default="SAF", choices=["SGR", "SAF"],
                    help="SAF by default: it learns this data fast; SGR needs far more CPU time (see the README)")
-    p.add_argument("--daa_weight", type=float, default=5,
-                   help="weight of each DAA term in the DAA-on settings (default 5: with batch 32 the two DAA "
-                        "terms are then about as large next to the hinge loss as the paper's 10-25 at batch 128)")
+    p.add_argument("--daa_weight", type=float, default=run_demo.TRAINING["full"]["daa_weight"],
+                   help="weight of each DAA term in the DAA-on settings (default: the demo's)")
     p.add_argument("--quick", action="store_true", help="run_demo's tiny sizes (for tests; the numbers mean nothing)")
     p.add_argument("--in_process", action="store_true",
                    help="call each script's main() in this process instead of starting `python script.py`")

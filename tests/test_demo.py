@@ -83,3 +83,13 @@ def test_ablation_chart_and_bad_input(tmp_path, capsys):
     assert errors.run(plot_results.main, ["--logs", str(tmp_path / "nope"), "--out_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0] and "not found" in err[0]
+
+
+def test_demo_never_removes_folders_it_did_not_write(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run_demo, "IN_PROCESS", False)  # main() sets it; restored after the test
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("real data", encoding="utf-8")
+    assert errors.run(run_demo.main, ["--quick", "--in_process", "--out_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not written by run_demo.py" in err[0]
+    assert (tmp_path / "data" / "keep.txt").read_text(encoding="utf-8") == "real data"
