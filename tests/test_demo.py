@@ -93,3 +93,60 @@ def test_demo_never_removes_folders_it_did_not_write(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not written by run_demo.py" in err[0]
     assert (tmp_path / "data" / "keep.txt").read_text(encoding="utf-8") == "real data"
+
+
+def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, capsys):
+    """ablation.py --quick over two seeds: the right options per run, every number recomputed from the
+    run's saved matrix, mean/std/paired differences recomputed from the runs; a re-run trains nothing."""
+    import ablation
+    import checkpoint
+
+    out_dir = tmp_path / "ablation"
+    argv = ["--quick", "--in_process", "--seeds", "0", "1", "--out_dir", str(out_dir)]
+    assert errors.run(ablation.main, argv) == 0
+    run_demo.IN_PROCESS = False
+    report = json.loads((out_dir / "ablation.json").read_text(encoding="utf-8"))
+    assert [v["key"] for v in report["variants"]] == ["off", "paper", "reference"]
+
+    data_path = str(out_dir / "data")
+    coco_root = os.path.join(data_path, run_demo.DATA_NAME)
+    relevance, _ = evaluation.relevance_of_split(data_path, run_demo.DATA_NAME, "testall")
+    sems = relevance.matrix()
+    codes = instance_codes(str(out_dir / "coco_ann" / "instances_val2014.json"),
+                           read_image_ids(os.path.join(coco_root, "testall_ids.txt"), sems.shape[0]))
+    expected_options = {"off": (0.0, "paper"), "paper": (1.0, "paper"), "reference": (1.0, "reference")}
+    for variant in report["variants"]:
+        for run in variant["runs"]:
+            name = f"{variant['key']}_seed{run['seed']}"
+            opt = checkpoint.load_checkpoint(str(out_dir / "runs" / name / "model_best.pth.tar"))["opt"]
+            assert (opt.daa_weight, opt.daa_variant, opt.seed) == expected_options[variant["key"]] + (run["seed"],)
+            sims = np.load(out_dir / "eval" / f"{name}.npy")
+            scores, pmrp = evaluation.score_matrix(sims, sems), pmrp_scores(sims, codes, n_fold=0)
+            for d in ("i2t", "t2i"):
+                expected = {k: scores[d][k] for k in ("r1", "r5", "r10", "asp")}
+                expected["pmrp"] = pmrp[d]["pmrp"]
+                assert run[d] == pytest.approx(expected, abs=1e-9), (name, d)
+        for d in ("i2t", "t2i"):
+            for k in KEYS:
+                values = np.array([run[d][k] for run in variant["runs"]])
+                assert variant["mean"][d][k] == pytest.approx(values.mean(), abs=1e-9)
+                assert variant["std"][d][k] == pytest.approx(values.std(ddof=1), abs=1e-9)
+                if variant["key"] != "off":
+                    off = np.array([run[d][k] for run in report["variants"][0]["runs"]])
+                    assert variant["paired_difference"]["mean"][d][k] == pytest.approx((values - off).mean(), abs=1e-9)
+    table = (out_dir / "ablation.md").read_text(encoding="utf-8").splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| DAA off", "| DAA paper", "| DAA reference", "| DAA paper − DAA off", "| DAA reference − DAA off"]
+
+    # Finished runs are not redone: a second call only re-reads them and writes the same report.
+    checkpoint_file = out_dir / "runs" / "off_seed0" / "model_best.pth.tar"
+    stamp = checkpoint_file.stat().st_mtime_ns
+    assert errors.run(ablation.main, argv) == 0
+    run_demo.IN_PROCESS = False
+    assert checkpoint_file.stat().st_mtime_ns == stamp
+    assert json.loads((out_dir / "ablation.json").read_text(encoding="utf-8")) == report
+    # Other settings in the same folder are refused rather than mixed in.
+    capsys.readouterr()
+    assert errors.run(ablation.main, argv + ["--daa_weight", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0]
