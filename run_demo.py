@@ -36,8 +36,8 @@ from errors import InputError
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IN_PROCESS = False  # set by --in_process
 
-# Dataset sizes (images per split) and model/training settings. "full" takes about 5 minutes (4.8 measured) on a quiet
-# 2-core CPU; "quick" well under a minute. A high learning rate with the violations summed
+# Dataset sizes (images per split) and model/training settings. "full" takes about 5 minutes (4.8
+# measured) on a quiet 2-core CPU; "quick" well under a minute. A high learning rate with the violations summed
 # (--warmup_epochs) learns fast; hardest-negative mining from the first step learns very slowly on small
 # data, and switching to it at that high rate made SGR collapse (dev R@1 near 0) in our runs, hence the
 # 10x lower rate from the switch on (--lr_update = --warmup_epochs).
