@@ -134,9 +134,7 @@ def main(argv=None):
               "variants": variants}
     fileio.write_json(report, os.path.join(args.out_dir, "ablation.json"))
     table = markdown(report)
-    with fileio.atomic_path(os.path.join(args.out_dir, "ablation.md")) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(table)
+    fileio.write_text(table, os.path.join(args.out_dir, "ablation.md"))
     print(f"\n{report['scope']}, {args.module_name}, DAA weight {args.daa_weight}, seeds {args.seeds} "
           f"(mean ± sample std over seeds)\n{table}\nwritten: {os.path.join(args.out_dir, 'ablation.json')}, "
           f"{os.path.join(args.out_dir, 'ablation.md')}")

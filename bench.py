@@ -622,8 +622,7 @@ def main(argv=None):
     text = "\n".join(report) + "\n"
     print(text)
     if args.out:
-        with fileio.atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        fileio.write_text(text, args.out)
     return rows
 
 

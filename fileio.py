@@ -61,12 +61,16 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def write_json(obj, path):
-    """Write `obj` as indented JSON to `path` atomically."""
+def write_text(text, path):
+    """Write the string `text` to `path` (UTF-8) atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            f.write(text)
+
+
+def write_json(obj, path):
+    """Write `obj` as indented JSON to `path` atomically."""
+    write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 def read_json(path, what="JSON file"):

@@ -157,9 +157,7 @@ def write_split(rng, world, directory, split, n_images, rows_per_caption):
     feats = np.stack([features(rng, world, image) for image in images])
     if rows_per_caption:
         feats = np.repeat(feats, CAPTIONS_PER_IMAGE, axis=0)
-    with fileio.atomic_path(os.path.join(directory, f"{split}_caps.txt")) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+    fileio.write_text("\n".join(lines) + "\n", os.path.join(directory, f"{split}_caps.txt"))
     with fileio.atomic_path(os.path.join(directory, f"{split}_ims.npy")) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, feats)
@@ -243,9 +241,8 @@ def main(argv=None):
             images, lines = write_split(rng, world, directory, split, sizes[split], split in opt.rows_per_caption)
             if split == "testall":
                 image_ids = np.sort(rng.choice(np.arange(1, 600000), size=len(images), replace=False))
-                with fileio.atomic_path(os.path.join(directory, "testall_ids.txt")) as tmp:
-                    with open(tmp, "w", encoding="utf-8") as f:
-                        f.write("".join(f"{i}\n" for i in image_ids for _ in range(CAPTIONS_PER_IMAGE)))
+                fileio.write_text("".join(f"{i}\n" for i in image_ids for _ in range(CAPTIONS_PER_IMAGE)),
+                                  os.path.join(directory, "testall_ids.txt"))
                 write_coco_annotations(rng, opt.ann_dir, image_ids, images, lines)
         vocab = build_vocab([os.path.join(directory, f"{s}_caps.txt") for s in ("train", "dev")], opt.threshold)
         serialize_vocab(vocab, os.path.join(opt.vocab_dir, f"{data_name}_vocab.json"))

@@ -193,9 +193,7 @@ def main(argv=None):
     fileio.write_json({"size": size, "sizes": SIZES[size], "training": TRAINING[size], "data_name": DATA_NAME,
                        "rows": rows, "files": files, "wall_time_s": round(wall, 1)},
                       os.path.join(out_dir, "results.json"))
-    with fileio.atomic_path(os.path.join(out_dir, "results.md")) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(table + "\n" + note)
+    fileio.write_text(table + "\n" + note, os.path.join(out_dir, "results.md"))
     print(f"\n{table}\n{note}\nwritten: " + ", ".join(os.path.join(out_dir, name) for name in
                                               ("results.md", "results.json", "training_curves.png")))
 
