@@ -27,7 +27,8 @@ def test_table_has_every_row_with_numbers_in_range(demo):
     with open(os.path.join(demo, "results.json"), encoding="utf-8") as f:
         results = json.load(f)
     assert [(r["scope"], r["model"]) for r in results["rows"]] == [
-        (scope, model) for scope in ("1K", "5K") for model in ("SAF", "SGR", "SGRAF")]
+        (scope, model) for scope in ("1K", "5K") for model in
+        ("SAF", "SGR", "SGRAF", "random scores", "constant scores", "content oracle", "relevance M")]
     for row in results["rows"]:
         for d in ("i2t", "t2i"):
             values = row[d]
@@ -36,7 +37,16 @@ def test_table_has_every_row_with_numbers_in_range(demo):
     with open(os.path.join(demo, "results.md"), encoding="utf-8") as f:
         lines = f.read().splitlines()
     rows = [line for line in lines if line.startswith("| COCO")]
-    assert len(rows) == 6 and all(line.count("|") == 13 for line in rows)
+    assert len(rows) == 14 and all(line.count("|") == 13 for line in rows)
+    by_row = {(r["scope"], r["model"]): r for r in results["rows"]}
+    n_images = results["sizes"]["n_testall"]
+    for scope, images in (("1K", n_images // 5), ("5K", n_images)):
+        for d, gallery in (("i2t", 5 * images), ("t2i", images)):
+            # constant scores rank every item last (n); average relevance rank (n + 1) / 2: ASP (n + 1) / 2n,
+            # about 50 on real sizes; the relevance itself scores 100 (less the few ties within M)
+            assert by_row[(scope, "constant scores")][d]["asp"] == pytest.approx(50 * (gallery + 1) / gallery, abs=1)
+            assert by_row[(scope, "relevance M")][d]["asp"] > 99
+            assert by_row[(scope, "content oracle")][d]["asp"] > by_row[(scope, "random scores")][d]["asp"]
     with open(os.path.join(demo, "training_curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -48,7 +58,8 @@ def test_table_equals_a_recomputation_from_the_saved_matrices(demo):
     coco_root = os.path.join(data_path, run_demo.DATA_NAME)
     relevance, _ = evaluation.relevance_of_split(data_path, run_demo.DATA_NAME, "testall")
     sems = relevance.matrix()
-    sims = {m: np.load(os.path.join(demo, results["files"][m]["sims"])) for m in run_demo.MODELS}
+    sims = {m: np.load(os.path.join(demo, results["files"][m]["sims"])) for m in run_demo.MODELS + run_demo.REFERENCES}
+    np.testing.assert_array_equal(sims["relevance M"], sems)
     # SGRAF is the mean of the SGR and SAF matrices (computed by evaluation.py from the two checkpoints).
     np.testing.assert_allclose(sims["SGRAF"], (sims["SGR"] + sims["SAF"]) / 2, atol=1e-6)
     codes = instance_codes(os.path.join(demo, "coco_ann", "instances_val2014.json"),
