@@ -19,8 +19,9 @@ measured in the report), so DAA may hold the model in the collapse.
 
 Writes {out_dir}/ablation.json and ablation.md: per-seed numbers, mean ± sample std, and each DAA
 setting's difference from weight 0 paired by seed (same initial weights and batch order) with a 95 %
-t-interval. A run whose last output exists is finished (outputs are written atomically) and is not
-redone, so an interrupted ablation continues where it stopped; {out_dir}/settings.json guards against
+t-interval. A run whose last output (its PMRP JSON, or a plateau run's hinge-loss curve) exists is finished
+(outputs are written atomically) and is not redone, so an interrupted ablation continues where it
+stopped, also from the score files alone (checkpoints and matrices can be deleted); {out_dir}/settings.json guards against
 mixing runs made with other settings. `--jobs K` trains K runs at a time, each in its own process
 with cores / K threads.
 """
@@ -43,12 +44,14 @@ METRICS = ("r1", "r5", "r10", "asp", "pmrp")
 HEADERS = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "asp": "ASP", "pmrp": "PMRP"}
 # (module, DAA weights, variants, seeds) per size. The published recipes use weight 25 (COCO) and 10
 # (Flickr30K); 1 is the demo's. Weight 0 is DAA off, the same for either variant. Runs are made in the
-# order listed, weight 0 and 25 first, so that a stopped ablation has the main comparison.
+# order listed, weight 0 and 25 first, so that a stopped ablation has the main comparison; the plateau
+# runs come after the first PLATEAU_AFTER entries.
 GRID = {
     "full": [("SAF", (0, 25), ("reference",), range(5)), ("SGR", (0, 25), ("reference",), range(3)),
              ("SAF", (25,), ("paper",), range(5)), ("SAF", (10, 1), ("reference", "paper"), range(5))],
     "quick": [("SAF", (0, 25), ("reference",), range(2)), ("SAF", (25,), ("paper",), range(2))],
 }
+PLATEAU_AFTER = 2
 # Plateau runs: SAF, no warm-up (hardest negatives from the first step, the original recipe), the lr of
 # the published Flickr30K recipe held constant, logging every few iterations to time the collapse.
 PLATEAU = {
@@ -66,10 +69,10 @@ def setting_name(module, weight, variant):
     return f"{module}_w{weight:g}" + (f"_{variant}" if weight else "")
 
 
-def grid_runs(size):
-    """[(setting name, module, weight, variant, seed)] in the order they are made; weight 0 listed once."""
+def grid_runs(entries):
+    """[(setting name, module, weight, variant, seed)] of GRID entries, in order; weight 0 listed once."""
     runs, seen = [], set()
-    for module, weights, variants, seeds in GRID[size]:
+    for module, weights, variants, seeds in entries:
         for seed in seeds:
             for weight in weights:
                 for variant in variants:
@@ -91,7 +94,8 @@ def paths(out_dir, name, seed):
     return {"model": os.path.join(out_dir, "runs", run), "log": os.path.join(out_dir, "logs", run),
             "sims": os.path.join(out_dir, "eval", run + ".npy"),
             "evaluation": os.path.join(out_dir, "eval", run + ".json"),
-            "pmrp": os.path.join(out_dir, "eval", run + "_pmrp.json")}
+            "pmrp": os.path.join(out_dir, "eval", run + "_pmrp.json"),
+            "curve": os.path.join(out_dir, "eval", run + "_hinge.json")}
 
 
 def score(sims, evaluation_json, pmrp_json, data_path, ann_root, title):
@@ -111,11 +115,18 @@ def read_scores(evaluation_json, pmrp_json):
     return {d: {m: (pmrp if m == "pmrp" else scores)[d][m] for m in METRICS} for d in DIRECTIONS}
 
 
+def finished(where, plateau):
+    """A run is done when its last output exists: the PMRP JSON, or for a plateau run its loss curve."""
+    return os.path.isfile(where["curve"] if plateau else where["pmrp"])
+
+
 def execute(job):
     """Train and score one run (a worker's task): job = (out_dir, size, run, plateau, threads, title)."""
     out_dir, size, (name, module, weight, variant, seed), plateau, threads, title = job
     torch.set_num_threads(threads)
     where = paths(out_dir, name, seed)
+    if finished(where, plateau):
+        return
     data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
     training = dict(run_demo.TRAINING[size], daa_weight=weight)
     if plateau:
@@ -127,12 +138,17 @@ def execute(job):
         run_demo.run_script("train.py", run_demo.train_args(size, training, data_path, vocab_path, module, where["model"],
                                                             where["log"], seed, ["--daa_variant", variant]),
                             f"{title}: train")
-    if not plateau:
-        if not os.path.isfile(where["sims"]):
-            run_demo.run_script("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"),
-                                                  "--data_path", data_path, "--vocab_path", vocab_path, "--split",
-                                                  "testall", "--save_sims", where["sims"]], f"{title}: similarities")
-        score(where["sims"], where["evaluation"], where["pmrp"], data_path, ann_root, title)
+    if plateau:
+        import plot_results
+
+        steps, values = plot_results.read_scalars(where["log"])["contrastive_loss"]
+        fileio.write_json({"steps": steps.tolist(), "contrastive_loss": values.tolist()}, where["curve"])
+        return
+    if not os.path.isfile(where["sims"]):
+        run_demo.run_script("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"),
+                                              "--data_path", data_path, "--vocab_path", vocab_path, "--split",
+                                              "testall", "--save_sims", where["sims"]], f"{title}: similarities")
+    score(where["sims"], where["evaluation"], where["pmrp"], data_path, ann_root, title)
 
 
 def worker(job):
@@ -158,11 +174,9 @@ def paired(on, off):
             "ci95_high": {d: {m: mean[d][m] + half[d][m] for m in METRICS} for d in DIRECTIONS}}
 
 
-def plateau_length(log_dir, batch_size, margin):
-    """Iterations until the hinge loss leaves the collapse (2 B m), or None if it never did in the run."""
-    import plot_results
-
-    steps, values = plot_results.read_scalars(log_dir)["contrastive_loss"]
+def plateau_length(steps, values, batch_size, margin):
+    """Iterations until the hinge loss (values at steps) leaves the collapse (2 B m), or None if it never did."""
+    values = np.asarray(values)
     below = values < PLATEAU_LEVEL * 2 * batch_size * margin
     for k in range(len(values)):
         if below[k:k + PLATEAU_STAY].all() and k + PLATEAU_STAY <= len(values):
@@ -190,13 +204,13 @@ def tie_reward(data_path, batch=128, seed=0):
 
 def report_of(args, size, settings):
     """The ablation report from the finished runs' files."""
-    data_path, ann_root = os.path.join(args.out_dir, "data"), os.path.join(args.out_dir, "coco_ann")
+    data_path = os.path.join(args.out_dir, "data")
     references = {}
     for name in run_demo.REFERENCES:
         stem = os.path.join(args.out_dir, "eval", name.replace(" ", "_"))
         references[name] = read_scores(stem + ".json", stem + "_pmrp.json")
     groups, by_setting = [], {}
-    for name, module, weight, variant, seed in grid_runs(size):
+    for name, module, weight, variant, seed in grid_runs(GRID[size]):
         group = by_setting.get(name)
         if group is None:
             group = by_setting[name] = {"key": name, "module": module, "daa_weight": weight,
@@ -221,7 +235,8 @@ def report_of(args, size, settings):
         runs = []
         for name, _, w, _, seed in plateau_runs(size):
             if w == weight:
-                length = plateau_length(paths(args.out_dir, name, seed)["log"], training["batch_size"], 0.2)
+                curve = fileio.read_json(paths(args.out_dir, name, seed)["curve"], "hinge loss curve")
+                length = plateau_length(curve["steps"], curve["contrastive_loss"], training["batch_size"], 0.2)
                 runs.append({"seed": seed, "plateau_iterations": length})
         plateau.append({"daa_weight": weight, "runs": runs})
     n_images = run_demo.SIZES[size]["n_testall"]
@@ -291,9 +306,9 @@ def main(argv=None):
     run_demo.IN_PROCESS = args.in_process
     size = "quick" if args.quick else "full"
     fileio.check_output(args.out_dir, folder=True)
+    plateau = dict(PLATEAU[size], weights=list(PLATEAU[size]["weights"]), seeds=list(PLATEAU[size]["seeds"]))
     settings = {"size": size, "sizes": run_demo.SIZES[size], "training": run_demo.TRAINING[size],
-                "grid": [[m, list(w), list(v), list(s)] for m, w, v, s in GRID[size]],
-                "plateau": {k: (list(v) if isinstance(v, range) else v) for k, v in PLATEAU[size].items()}}
+                "grid": [[m, list(w), list(v), list(s)] for m, w, v, s in GRID[size]], "plateau": plateau}
     settings_path = os.path.join(args.out_dir, "settings.json")
     if os.path.isfile(settings_path):
         if fileio.read_json(settings_path, "settings file") != settings:
@@ -309,7 +324,9 @@ def main(argv=None):
         stem = path[:-len(".npy")]
         score(path, stem + ".json", stem + "_pmrp.json", data_path, os.path.join(args.out_dir, "coco_ann"), name)
 
-    runs = [(run, False) for run in grid_runs(size)] + [(run, True) for run in plateau_runs(size)]
+    entries = GRID[size]
+    runs = ([(run, False) for run in grid_runs(entries[:PLATEAU_AFTER])] + [(run, True) for run in plateau_runs(size)]
+            + [(run, False) for run in grid_runs(entries[PLATEAU_AFTER:])])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(args.out_dir, size, run, plateau, threads, f"[{k + 1}/{len(runs)}] {run[0]}, seed {run[4]}")
             for k, (run, plateau) in enumerate(runs)]

@@ -11,7 +11,6 @@ loader workers by a picklable collate object.
 """
 import functools
 import os
-import zipfile
 
 import h5py
 import numpy as np
@@ -21,16 +20,26 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import fileio
 from daa_loss import SemanticRelevance
 from errors import InputError
+from layout import CAPTIONS_PER_IMAGE, DEV_MAX_CAPTIONS, REGIONS
 from vocab import encode_caption
 
-CAPTIONS_PER_IMAGE = 5
-REGIONS = 36
-DEV_MAX_CAPTIONS = 5000  # COCO dev is cut to its first 5,000 captions (1,000 images) for validation, as in SCAN
 
 
 def read_captions(data_path, data_name, split):
     """The captions of a split, one str per line of `{split}_caps.txt`."""
     return fileio.read_lines(os.path.join(data_path, data_name, f"{split}_caps.txt"), "caption file")
+
+
+def used_captions(captions, split, max_captions=None):
+    """The captions a split is trained or scored on: the first `max_captions` if given, the dev split's
+    first DEV_MAX_CAPTIONS otherwise (validation uses them, as SCAN and the original do), else all."""
+    if max_captions is None and split == "dev":
+        max_captions = DEV_MAX_CAPTIONS
+    if max_captions is None:
+        return captions
+    if max_captions < CAPTIONS_PER_IMAGE or max_captions % CAPTIONS_PER_IMAGE:
+        raise InputError(f"max_captions must be a positive multiple of {CAPTIONS_PER_IMAGE} (got {max_captions})")
+    return captions[:max_captions]
 
 
 class FeatureStore:
@@ -85,13 +94,7 @@ class FeatureStore:
                 raise InputError(f"{self.path}: HDF5 file has no dataset 'feat'")
             self._array = feat
         else:
-            try:
-                array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # np.load reads 'PK...' as .npz
-                raise InputError(f"{self.path}: not a .npy array file ({err})") from None
-            if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
-                raise InputError(f"{self.path}: not a numeric .npy array")
-            self._array = array
+            self._array = fileio.load_npy(self.path, "feature file")
         self._pid = os.getpid()
         return self._array
 
@@ -126,12 +129,7 @@ class PrecompDataset(Dataset):
         directory = os.path.join(data_path, data_name)
         captions = read_captions(data_path, data_name, split)
         self.features = FeatureStore(directory, split, len(captions))  # checks counts on the full files
-        if max_captions is None and split == "dev":
-            max_captions = DEV_MAX_CAPTIONS
-        if max_captions is not None:
-            if max_captions < CAPTIONS_PER_IMAGE or max_captions % CAPTIONS_PER_IMAGE:
-                raise InputError(f"max_captions must be a positive multiple of {CAPTIONS_PER_IMAGE} (got {max_captions})")
-            captions = captions[:max_captions]
+        captions = used_captions(captions, split, max_captions)
         self.split, self.vocab, self.captions = split, vocab, captions
         self.captions_path = os.path.join(directory, f"{split}_caps.txt")
         self.n_captions = len(captions)

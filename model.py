@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from checkpoint import strip_module_prefix
+from layout import REGIONS
 
-NUM_REGIONS = 36
 DROPOUT = 0.4
 SMOOTH = 9.0  # lambda of the SCAN text-to-image attention
 # Transient memory budget of `EncoderSimilarity`: floats of one chunk's (n_i, words, d) context tensor
@@ -89,7 +89,7 @@ class EncoderText(nn.Module):
 class VisualSA(nn.Module):
     """Self-attention global image: regions (n, R, d) -> (n, d), l2-normalised."""
 
-    def __init__(self, embed_dim, dropout_rate=DROPOUT, num_region=NUM_REGIONS):
+    def __init__(self, embed_dim, dropout_rate=DROPOUT, num_region=REGIONS):
         super().__init__()
         self.embedding_local = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(num_region),
                                              nn.Tanh(), nn.Dropout(dropout_rate))
@@ -261,7 +261,7 @@ class EncoderSimilarity(nn.Module):
         super().__init__()
         self.module_name = module_name
         self.max_elements = MAX_ELEMENTS
-        self.v_global_w = VisualSA(embed_size, DROPOUT, NUM_REGIONS)
+        self.v_global_w = VisualSA(embed_size, DROPOUT, REGIONS)
         self.t_global_w = TextSA(embed_size, DROPOUT)
         self.sim_tranloc_w = nn.Linear(embed_size, sim_dim)
         self.sim_tranglo_w = nn.Linear(embed_size, sim_dim)

@@ -24,7 +24,7 @@ import evaluation
 import opts
 from checkpoint import check_vocab, load_checkpoint, load_weights, save_checkpoint
 from daa_loss import DAALoss
-from distributed import free_port, init_group, launched_by_torchrun, process_device
+from distributed import check_world_size, free_port, init_group, launched_by_torchrun, process_device
 from errors import InputError, run
 from fileio import check_output
 from model import SimilarityModel
@@ -55,8 +55,7 @@ def check_options(opt):
     if opt.device == "cuda":
         if not torch.cuda.is_available():
             raise InputError("--device cuda: no CUDA device is available")
-        if opt.world_size > torch.cuda.device_count() and "LOCAL_RANK" not in os.environ:
-            raise InputError(f"--world_size {opt.world_size}: only {torch.cuda.device_count()} CUDA device(s) available")
+        check_world_size(opt.world_size, opt.device)
     if opt.amp == "fp16" and opt.device != "cuda":
         raise InputError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
 
