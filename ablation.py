@@ -156,6 +156,18 @@ def worker(job):
     execute(job)
 
 
+def run_all(jobs, n_parallel):
+    """Make every run of `jobs`, one after the other, or n_parallel at a time in worker processes."""
+    if n_parallel == 1:
+        for job in jobs:
+            execute(job)
+        return
+    # a fresh process per run (maxtasksperchild=1): nothing one training leaves behind reaches the next
+    with multiprocessing.get_context("spawn").Pool(n_parallel, maxtasksperchild=1) as pool:
+        for _ in pool.imap_unordered(worker, jobs):
+            pass
+
+
 def summarise(values):
     """Mean and sample std (ddof 1; 0 for one run) of run dicts {"i2t": {metric}, "t2i": {metric}}."""
     def stat(fn):
@@ -168,8 +180,9 @@ def paired(on, off):
     differences = [{d: {m: a[d][m] - b[d][m] for m in METRICS} for d in DIRECTIONS} for a, b in zip(on, off)]
     mean, std = summarise(differences)
     n = len(differences)
-    half = {d: {m: float(scipy.stats.t.ppf(0.975, n - 1) * std[d][m] / np.sqrt(n)) if n > 1 else float("nan")
-                for m in METRICS} for d in DIRECTIONS}
+    if n < 2:  # no interval from one pair
+        return {"n": n, "mean": mean, "std": std, "ci95_low": None, "ci95_high": None}
+    half = {d: {m: float(scipy.stats.t.ppf(0.975, n - 1) * std[d][m] / np.sqrt(n)) for m in METRICS} for d in DIRECTIONS}
     return {"n": n, "mean": mean, "std": std, "ci95_low": {d: {m: mean[d][m] - half[d][m] for m in METRICS} for d in DIRECTIONS},
             "ci95_high": {d: {m: mean[d][m] + half[d][m] for m in METRICS} for d in DIRECTIONS}}
 
@@ -203,7 +216,7 @@ def tie_reward(data_path, batch=128, seed=0):
 
 
 def report_of(args, size, settings):
-    """The ablation report from the finished runs' files."""
+    """The ablation report from the finished runs' files (a setting lists the seeds finished so far)."""
     data_path = os.path.join(args.out_dir, "data")
     references = {}
     for name in run_demo.REFERENCES:
@@ -217,15 +230,17 @@ def report_of(args, size, settings):
                                         "variant": variant if weight else None, "runs": []}
             groups.append(group)
         where = paths(args.out_dir, name, seed)
-        group["runs"].append(dict(read_scores(where["evaluation"], where["pmrp"]), seed=seed))
+        if finished(where, plateau=False):
+            group["runs"].append(dict(read_scores(where["evaluation"], where["pmrp"]), seed=seed))
+    groups = [g for g in groups if g["runs"]]
     oracle = references["content oracle"]
     for group in groups:
         group["mean"], group["std"] = summarise(group["runs"])
         off = by_setting[setting_name(group["module"], 0, None)]
         if group is not off:
-            seeds = [r["seed"] for r in group["runs"]]
-            off_runs = [r for r in off["runs"] if r["seed"] in seeds]
-            group["paired_difference"] = paired(group["runs"], off_runs)
+            off_by_seed = {r["seed"]: r for r in off["runs"]}
+            on = [r for r in group["runs"] if r["seed"] in off_by_seed]
+            group["paired_difference"] = paired(on, [off_by_seed[r["seed"]] for r in on])
         # Share of the ASP headroom between the DAA-off model and the content oracle that the setting covers.
         group["asp_headroom_covered"] = {d: 100 * (group["mean"][d]["asp"] - off["mean"][d]["asp"])
                                          / (oracle[d]["asp"] - off["mean"][d]["asp"]) for d in DIRECTIONS}
@@ -234,8 +249,9 @@ def report_of(args, size, settings):
     for weight in PLATEAU[size]["weights"]:
         runs = []
         for name, _, w, _, seed in plateau_runs(size):
-            if w == weight:
-                curve = fileio.read_json(paths(args.out_dir, name, seed)["curve"], "hinge loss curve")
+            where = paths(args.out_dir, name, seed)
+            if w == weight and finished(where, plateau=True):
+                curve = fileio.read_json(where["curve"], "hinge loss curve")
                 length = plateau_length(curve["steps"], curve["contrastive_loss"], training["batch_size"], 0.2)
                 runs.append({"seed": seed, "plateau_iterations": length})
         plateau.append({"daa_weight": weight, "runs": runs})
@@ -260,8 +276,9 @@ def markdown(report):
     for g in report["groups"]:
         if "paired_difference" in g:
             p = g["paired_difference"]
-            lines.append(f"| {label(g)} − off | " + " | ".join(
-                f"{p['mean'][d][m]:+.2f} [{p['ci95_low'][d][m]:+.2f}, {p['ci95_high'][d][m]:+.2f}]"
+            lines.append(f"| {label(g)} − off (n={p['n']}) | " + " | ".join(
+                f"{p['mean'][d][m]:+.2f} " + (f"[{p['ci95_low'][d][m]:+.2f}, {p['ci95_high'][d][m]:+.2f}]"
+                                              if p["ci95_low"] else "[one pair]")
                 for d in DIRECTIONS for m in METRICS) + " |")
     lines += ["", "Share of the ASP headroom (DAA off → content oracle) covered, i2t / t2i:", ""]
     lines += [f"- {label(g)}: {g['asp_headroom_covered']['i2t']:.1f} % / {g['asp_headroom_covered']['t2i']:.1f} %"
@@ -294,6 +311,8 @@ def build_parser():
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at a time, each in its own process with cores / jobs threads (default 1)")
     p.add_argument("--quick", action="store_true", help="run_demo's tiny sizes and a small grid (for tests)")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: write the report from the runs finished so far (e.g. of a stopped ablation)")
     p.add_argument("--in_process", action="store_true",
                    help="with --jobs 1: call each script's main() in this process instead of `python script.py`")
     return p
@@ -330,14 +349,8 @@ def main(argv=None):
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(args.out_dir, size, run, plateau, threads, f"[{k + 1}/{len(runs)}] {run[0]}, seed {run[4]}")
             for k, (run, plateau) in enumerate(runs)]
-    if args.jobs == 1:
-        for job in jobs:
-            execute(job)
-    else:
-        # a fresh process per run (maxtasksperchild=1): nothing one training leaves behind reaches the next
-        with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
-            for _ in pool.imap_unordered(worker, jobs):
-                pass
+    if not args.report_only:
+        run_all(jobs, args.jobs)
 
     report = report_of(args, size, settings)
     fileio.write_json(report, os.path.join(args.out_dir, "ablation.json"))

@@ -174,7 +174,7 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     assert tie["asp_soft"]["constant"] > tie["asp_soft"]["random"] + 0.05 and tie["asp_soft"]["relevance"] == 1.0
     assert tie["asp"]["constant"] == pytest.approx(0.5, abs=0.02)
     table = (out_dir / "ablation.md").read_text(encoding="utf-8")
-    assert "| content oracle |" in table and "| SAF, DAA 25 reference − off |" in table
+    assert "| content oracle |" in table and "| SAF, DAA 25 reference − off (n=2) |" in table
 
     # Finished runs are not redone: a second call only re-reads them and writes the same report.
     checkpoint_file = out_dir / "runs" / "SAF_w0_seed0" / "model_best.pth.tar"
