@@ -261,7 +261,7 @@ def bench_similarity(sizes, device, compile_chunks):
                             max_abs_diff([(proj[2], base[2])]), pairs=n_i * n_c, mem=_torch_mem(device)))
             if compile_chunks:
                 compiled = copy.deepcopy(model)
-                compiled.sim_enc._chunk = torch.compile(compiled.sim_enc._chunk, dynamic=True)
+                compiled.sim_enc._nodes = torch.compile(compiled.sim_enc._nodes, dynamic=True)
                 start = time.perf_counter()
                 project(compiled)  # compiles, for every chunk shape this input needs
                 compile_s = time.perf_counter() - start
