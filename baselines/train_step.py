@@ -73,7 +73,7 @@ def score_matrices(sim_enc, embeddings):
     through them is the pooled statistics' gradient. Only process 0's pass keeps its BatchNorm updates.
     """
     received = [[] for _ in embeddings]  # received[k][i]: process k's gate logits of its caption i
-    if len(embeddings) > 1:
+    if len(embeddings) > 1 and sim_enc.module_name == "SAF":
         with buffers_kept(sim_enc):
             for k, args in enumerate(embeddings):
                 sim_one_caption_at_a_time(sim_enc, *args, gate_bn=lambda i, x, k=k: received[k].append(x) or x)
