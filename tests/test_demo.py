@@ -114,7 +114,7 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     sems = relevance.matrix()
     codes = instance_codes(str(out_dir / "coco_ann" / "instances_val2014.json"),
                            read_image_ids(os.path.join(coco_root, "testall_ids.txt"), sems.shape[0]))
-    expected_options = {"off": (0.0, "paper"), "paper": (1.0, "paper"), "reference": (1.0, "reference")}
+    expected_options = {"off": (0.0, "reference"), "paper": (1.0, "paper"), "reference": (1.0, "reference")}
     for variant in report["variants"]:
         for run in variant["runs"]:
             name = f"{variant['key']}_seed{run['seed']}"
