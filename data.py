@@ -47,7 +47,8 @@ class FeatureStore:
 
     Opens `{split}.h5` if present, else `{split}_ims.npy` (memory-mapped), only when first read in a
     process; pickling drops the handle, so DataLoader workers each open their own.
-    Attributes: path, n_images, rows_per_image (1, or 5 for one row per caption), img_dim.
+    Attributes: path, n_images, rows_per_image (1, or 5 for one row per caption), n_regions, img_dim.
+    Whether they fit a model is for `check_features` to say.
     """
 
     def __init__(self, directory, split, n_captions):
@@ -63,7 +64,7 @@ class FeatureStore:
         array = self._open()
         shape = tuple(array.shape)
         self.close()  # the parent process only needed the shape
-        if len(shape) != 3 or shape[1] != REGIONS or shape[2] < 1:
+        if len(shape) != 3 or shape[1] < 1 or shape[2] < 1:
             raise InputError(f"{self.path}: expected region features of shape (n, {REGIONS}, D), found {shape}")
         n_rows = shape[0]
         captions_file = os.path.join(directory, f"{split}_caps.txt")
@@ -76,7 +77,7 @@ class FeatureStore:
                              f"{captions_file} (need {CAPTIONS_PER_IMAGE} captions per row, or one row per caption "
                              f"with {CAPTIONS_PER_IMAGE} captions per image)")
         self.n_images = n_rows // self.rows_per_image
-        self.img_dim = shape[2]
+        self.n_regions, self.img_dim = shape[1], shape[2]
 
     def _open(self):
         """The array-like in this process, (re)opened after a fork or unpickling."""
@@ -116,6 +117,15 @@ class FeatureStore:
             raise IndexError(f"image {image_index} out of range (0..{self.n_images - 1})")
         # a copy: a memory-mapped row is read-only, and the batch must not keep the map alive
         return np.array(self._open()[image_index * self.rows_per_image], dtype=np.float32)
+
+
+def check_features(features, img_dim, model_source):
+    """InputError unless `features` (a FeatureStore) fit a model: 36 regions (SGRAF's VisualSA has one
+    BatchNorm channel per region) of `img_dim` values each. `model_source` says where the model comes
+    from ("the model of CKPT", "a model with --img_dim 2048"), so that the message names both sides."""
+    if (features.n_regions, features.img_dim) != (REGIONS, img_dim):
+        raise InputError(f"{features.path}: {features.n_regions} regions of {features.img_dim} values per image, but "
+                         f"{model_source} needs {REGIONS} regions of {img_dim} values")
 
 
 class PrecompDataset(Dataset):

@@ -427,6 +427,7 @@ def model_sims(args, path, whole):
     model = checkpoint.model_from_checkpoint(ckpt, path, len(vocab))
     image_loader, caption_loader, dataset = data.get_eval_loaders(
         data_path, opt.data_name, args.split, vocab, args.batch_size, args.workers)
+    data.check_features(dataset.features, opt.img_dim, f"the model of {path}")
     if distributed.rank_and_world()[0] == 0:
         print(f"{path}: {opt.module_name}, epoch {ckpt.get('epoch')}, {args.split}: "
               f"{dataset.n_images} images, {dataset.n_captions} captions")
