@@ -8,6 +8,7 @@ import pytest
 
 import errors
 import evaluation
+from model import SimilarityModel
 from baselines.asp_sort import asp_loop, asp_sort
 
 
@@ -296,7 +297,7 @@ def test_validate_matches_score_matrix(synth, tiny_ckpts):
     import vocab as vocab_lib
 
     vocab = vocab_lib.deserialize_vocab(os.path.join(synth.vocab_path, "coco_precomp_vocab.json"))
-    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_ckpts[0]), tiny_ckpts[0], len(vocab))
+    model = SimilarityModel.from_checkpoint(checkpoint.load_checkpoint(tiny_ckpts[0]), tiny_ckpts[0], len(vocab))
     images, captions, dataset = data.get_eval_loaders(synth.data_path, "coco_precomp", "dev", vocab, 16, 0)
     metrics = evaluation.validate(model, images, captions, dataset.relevance, "cpu")
     sims = evaluation.compute_sims(model, images, captions, shard_size=1000, device="cpu")
