@@ -1,6 +1,6 @@
 """SCAN "precomp" data: captions, region features (.h5 or .npy), and the loaders train/eval use.
 
-Layout (SPEC section 3): `{data_path}/{data_name}/{split}_caps.txt` (captions 5i..5i+4 describe image i)
+Layout: `{data_path}/{data_name}/{split}_caps.txt` (captions 5i..5i+4 describe image i)
 and `{split}.h5` (dataset `feat`, written by np2h.py) or `{split}_ims.npy`, float (n, 36, D), where n is
 the number of images or of captions (some releases repeat each image's row 5 times).
 

@@ -141,7 +141,7 @@ def direction_row(evaluation, pmrp, direction):
 
 
 def results_table(rows):
-    """The rows as a Markdown table in the shape of the paper's (SPEC section 1)."""
+    """The rows as a Markdown table in the shape of the paper's results tables."""
     head = ("| data | model | i2t R@1 | R@5 | R@10 | PMRP | ASP | t2i R@1 | R@5 | R@10 | PMRP | ASP |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     keys = ("r1", "r5", "r10", "pmrp", "asp")
