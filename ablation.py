@@ -12,11 +12,14 @@ Writes {out_dir}/ablation.json and ablation.md: per-seed numbers, mean ± sample
 over seeds, and the difference of each DAA setting from DAA off paired by seed (same initial weights
 and batch order), which is the more sensitive comparison.
 
-A run whose PMRP JSON exists is finished (every output is written atomically) and is not redone, so
-an interrupted ablation continues where it stopped; {out_dir}/settings.json guards against mixing
+A run whose PMRP JSON exists is finished (every output is written atomically) and is not redone, and
+an interrupted training resumes from its last checkpoint, so an interrupted ablation continues where
+it stopped; {out_dir}/settings.json guards against mixing
 runs made with other settings.
 """
+import glob
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -42,6 +45,10 @@ def run_one(args, size, key, options, seed, data_path, vocab_path, ann_root, tit
                                         for suffix in (".npy", ".json", "_pmrp.json"))
     if not os.path.isfile(pmrp_json):
         training = {k: v for k, v in run_demo.TRAINING[size].items() if k != "daa_weight"}  # set by `options`
+        if glob.glob(os.path.join(model_dir, "checkpoint_*.pth.tar")):
+            options = list(options) + ["--resume", model_dir]  # train.py starts no new run over checkpoints
+        elif os.path.isdir(log_dir):
+            shutil.rmtree(log_dir)  # this script's run killed before its first checkpoint: only its log is left
         run_demo.run_script("train.py", run_demo.train_args(size, training, data_path, vocab_path, args.module_name,
                                                             model_dir, log_dir, seed, options),
                             f"{title}: train")

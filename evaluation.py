@@ -437,26 +437,32 @@ def eccv_caption_ids(captions, image_ids, package_ids, ann_path):
     return ids, f"matched by text in {ann_path} ({unmatched} unmatched lines kept the package's ids)"
 
 
+def eccv_metrics(n_captions, data_name, split):
+    """The eccv_caption package's Metrics, once the split is checked to be its COCO testall (25,000 captions)."""
+    import warnings
+
+    with warnings.catch_warnings():  # the package warns when ujson is missing; json is fine
+        warnings.simplefilter("ignore")
+        from eccv_caption import Metrics
+    metrics = Metrics()
+    if n_captions != len(metrics.coco_ids):
+        raise InputError(f"--eccv needs the COCO testall split ({len(metrics.coco_ids)} captions); "
+                         f"{data_name} {split} has {n_captions}")
+    return metrics
+
+
 def eccv_scores(sims, data_path, data_name, split, ann_root):
     """ECCV Caption mAP@R / R-Precision / R@1 and CxC + COCO 5K R@1/5/10 (percent) of a testall matrix.
 
     Rows -> COCO image ids from testall_ids.txt; columns -> caption ids (eccv_caption_ids). The
     package's caption->image map must agree with testall_ids.txt on every column.
     """
-    import warnings
-
     import data
     from pmrp_com.pmrp import read_image_ids
-    with warnings.catch_warnings():  # the package warns when ujson is missing; json is fine
-        warnings.simplefilter("ignore")
-        from eccv_caption import Metrics
 
     ids_path = os.path.join(data_path, data_name, "testall_ids.txt")
     image_ids = read_image_ids(ids_path, sims.shape[0])
-    metrics = Metrics()
-    if sims.shape[1] != len(metrics.coco_ids):
-        raise InputError(f"--eccv needs the COCO testall split ({len(metrics.coco_ids)} captions); "
-                         f"{split} has {sims.shape[1]}")
+    metrics = eccv_metrics(sims.shape[1], data_name, split)
     captions = data.read_captions(data_path, data_name, split)
     caption_ids, how = eccv_caption_ids(captions, image_ids, metrics.coco_ids,
                                         os.path.join(ann_root, "captions_val2014.json"))
@@ -523,6 +529,10 @@ def build_parser():
     p.add_argument("--workers", type=int, default=0, help="data loader workers")
     p.add_argument("--shard_size", type=int, default=1000, help="images (and captions) per similarity shard")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per process (0: torch's default, one per core; K CPU processes get cores/K "
+                        "each); 1 on a machine shared with other jobs. Scores can differ in the last bits "
+                        "with the thread count")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32; tf32 (CUDA matmuls); bf16 (autocast): encoders and similarity path only, "
                         "scores and ranking stay fp32")
@@ -609,7 +619,7 @@ def evaluation_rank(rank, args, argv, init_method, device_type):
 
     An error here is also rank 0's error (same inputs), which rank 0 reports; this process just exits.
     """
-    distributed.init_group(rank, args.world_size, init_method, device_type)
+    distributed.init_group(rank, args.world_size, init_method, device_type, threads=args.threads)
     try:
         evaluate(args, argv)
     except InputError:
@@ -629,8 +639,7 @@ def evaluate_spawned(args, argv):
                                daemon=True) for rank in range(1, args.world_size)]
     for worker in workers:
         worker.start()
-    threads = torch.get_num_threads()  # init_group shares the CPU threads out; give them back afterwards
-    distributed.init_group(0, args.world_size, init_method, device_type)
+    distributed.init_group(0, args.world_size, init_method, device_type, threads=args.threads)
     try:
         report = evaluate(args, argv)
     except (RuntimeError, dist.DistBackendError) as err:
@@ -643,10 +652,32 @@ def evaluate_spawned(args, argv):
         raise
     finally:
         dist.destroy_process_group()
-        torch.set_num_threads(threads)
     for worker in workers:
         worker.join()
     return report
+
+
+def check_before_scoring(args, model_paths):
+    """What can be checked from the checkpoints' options and the caption files, before a matrix is scored
+    (hours for COCO 5K): the dataset folder (with a suggestion for a near-miss name), an SGRAF pair (an
+    SGR and an SAF model of one dataset), and the split --eccv needs."""
+    import checkpoint
+    import data
+
+    if model_paths:
+        options = [checkpoint.load_checkpoint(path)["opt"] for path in model_paths]
+        data_path, data_name = args.data_path or options[0].data_path, options[0].data_name
+        if len(options) == 2 and options[1].data_name != data_name:
+            raise InputError(f"{model_paths[1]}: trained on {options[1].data_name}, but {model_paths[0]} on "
+                             f"{data_name}; an SGRAF pair scores one dataset")
+        if len(options) == 2 and options[1].module_name == options[0].module_name:
+            raise InputError(f"{model_paths[1]}: an {options[1].module_name} model like {model_paths[0]}; SGRAF "
+                             f"averages an SGR and an SAF model (average two runs of one module with --sims)")
+    else:
+        data_path, data_name = args.data_path, args.data_name
+    data.dataset_dir(data_path, data_name)
+    if args.eccv:
+        eccv_metrics(len(data.read_captions(data_path, data_name, args.split)), data_name, args.split)
 
 
 def main(argv=None):
@@ -654,25 +685,33 @@ def main(argv=None):
     model_paths = args.model_path + ([args.model_path2] if args.model_path2 else [])
     if bool(model_paths) == bool(args.sims):
         raise InputError("give either --model_path (and optionally --model_path2) or --sims, not both or neither")
+    if args.sims and not (args.data_path and args.data_name):
+        raise InputError("--sims needs --data_path and --data_name (the split's captions give ASP)")
     if args.eccv and (args.fold5 or args.split != "testall"):
         raise InputError("--eccv scores the whole COCO testall split: use --split testall without --fold5")
-    if args.topk < 1 or args.shard_size < 1 or args.world_size < 1:
-        raise InputError("--topk, --shard_size and --world_size must be positive")
+    if args.topk < 1 or args.shard_size < 1 or args.world_size < 1 or args.threads < 0:
+        raise InputError("--topk, --shard_size and --world_size must be positive, --threads not negative")
     if args.sims and args.world_size > 1:
         raise InputError("--world_size splits the scoring of a model; --sims matrices are already scored")
     for output in (args.json, args.save_sims, args.save_ranks):
         if output:
             fileio.check_output(output)
-    if distributed.launched_by_torchrun():
-        distributed.init_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://",
-                               resolve_device(args.device).type)
-        try:
-            return evaluate(args, argv)
-        finally:
-            dist.destroy_process_group()
-    if args.world_size > 1:
-        return evaluate_spawned(args, argv)
-    return evaluate(args, argv)
+    check_before_scoring(args, model_paths)
+    threads = torch.get_num_threads()  # --threads is this evaluation's: an in-process caller keeps its own
+    try:
+        if distributed.launched_by_torchrun():
+            distributed.init_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://",
+                                   resolve_device(args.device).type, threads=args.threads)
+            try:
+                return evaluate(args, argv)
+            finally:
+                dist.destroy_process_group()
+        if args.world_size > 1:
+            return evaluate_spawned(args, argv)
+        distributed.set_threads(args.threads)
+        return evaluate(args, argv)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def evaluate(args, argv):
@@ -680,8 +719,6 @@ def evaluate(args, argv):
     model_paths = args.model_path + ([args.model_path2] if args.model_path2 else [])
     relevance = None
     if args.sims:
-        if not (args.data_path and args.data_name):
-            raise InputError("--sims needs --data_path and --data_name (the split's captions give ASP)")
         relevance, caps_path = relevance_of_split(args.data_path, args.data_name, args.split)
         sims = load_sims(args.sims, relevance.n_captions, caps_path)
         data_path, data_name, opts_used, blocks = args.data_path, args.data_name, None, None
@@ -696,9 +733,6 @@ def evaluate(args, argv):
         if distributed.rank_and_world()[0] != 0:
             return None
         data_name = opts_used[0].data_name
-        if any(o.data_name != data_name for o in opts_used):
-            raise InputError(f"{model_paths[1]}: trained on {opts_used[1].data_name}, "
-                             f"but {model_paths[0]} on {data_name}")
         relevance = dataset.relevance
         if whole:
             sims = results[0] if len(results) == 1 else sum(results) / len(results)
@@ -723,14 +757,14 @@ def evaluate(args, argv):
                        for b, (lo, hi) in zip(blocks, bounds)]
         report.update(mean_scores(fold_scores))
         for f, s in enumerate(fold_scores):
-            print(format_table(s, f"fold {f}"))
-        print(format_table(report, f"{args.split}: mean of 5 folds (1K)"))
+            print(format_table(s, f"{data_name} {args.split} fold {f}"))
+        print(format_table(report, f"{data_name} {args.split}: mean of 5 folds (1K)"))
         if sims is not None:
             report["all"] = score_matrix(sims, relevance.matrix())
-            print(format_table(report["all"], f"{args.split}: all {n_images} images"))
+            print(format_table(report["all"], f"{data_name} {args.split}: all {n_images} images"))
     else:
         report.update(score_matrix(sims, relevance.matrix()))
-        print(format_table(report, f"{args.split}: {n_images} images"))
+        print(format_table(report, f"{data_name} {args.split}: {n_images} images"))
     if args.eccv:
         report["eccv"] = eccv_scores(sims, data_path, data_name, args.split, args.ann_root)
         print(json.dumps(report["eccv"], indent=2))

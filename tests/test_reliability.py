@@ -302,7 +302,7 @@ def test_train_bad_input(tiny_copy, reference, saf_checkpoint, tmp_path, capsys,
         extra = ["--resume", str(tmp_path / "notes.pth.tar")]
         needle = tmp_path / "notes.pth.tar"
     elif case in ("resume_other_module", "init_from_other_module"):
-        extra = ["--resume" if case.startswith("resume") else "--init_from", str(saf_checkpoint)]
+        extra = ["--resume" if case.startswith("resume") else "--init_from", str(saf_checkpoint), "--module_name", "SGR"]
         needle = [saf_checkpoint, "SAF"]
     elif case == "resume_other_dims":
         extra = ["--resume", trained, "--embed_size", "48"]
