@@ -377,10 +377,6 @@ def main(argv=None):
         raise InputError("--resume and --init_from exclude each other (resume continues a run, init_from starts one)")
     if opt.resume:
         opt, ckpt = resume_options(opt, given)
-        if ckpt.get("epoch", 0) >= opt.num_epochs:
-            log.info("%s: the run has finished its %d epochs, nothing to train (give --num_epochs above %d to "
-                     "train on)", opt.resume, ckpt["epoch"], ckpt["epoch"])
-            return
     check_options(opt)
     # Fail here, in one process, on what every process would fail on: names, vocabulary, data, checkpoint.
     data.dataset_dir(opt.data_path, opt.data_name)
@@ -396,6 +392,10 @@ def main(argv=None):
     for folder in (opt.model_name, opt.logger_name):
         check_output(folder, folder=True)
     check_run_folders(opt)
+    if opt.resume and ckpt.get("epoch", 0) >= opt.num_epochs:
+        log.info("%s: the run has finished its %d epochs, nothing to train (give --num_epochs above %d to train on)",
+                 opt.resume, ckpt["epoch"], ckpt["epoch"])
+        return
 
     if launched_by_torchrun():
         train_process(int(os.environ["RANK"]), opt, "env://")

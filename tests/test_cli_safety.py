@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
