@@ -126,7 +126,7 @@ def resume_options(opt, given):
     resumed = argparse.Namespace(**{**vars(stored), **given})
     resumed.resume = path
     resumed.model_name = given.get("model_name", os.path.dirname(path) or ".")
-    log.info("resuming %s (%d epochs done) with its options", path, ckpt.get("epoch", 0))
+    log.info("resuming %s (finished epochs: %d) with its options", path, ckpt.get("epoch", 0))
     for name, value in sorted(given.items()):
         if name != "resume" and getattr(stored, name) != value:
             log.info("resuming with --%s %s instead of %s", name, value, getattr(stored, name))
@@ -393,8 +393,8 @@ def main(argv=None):
         check_output(folder, folder=True)
     check_run_folders(opt)
     if opt.resume and ckpt.get("epoch", 0) >= opt.num_epochs:
-        log.info("%s: the run has finished its %d epochs, nothing to train (give --num_epochs above %d to train on)",
-                 opt.resume, ckpt["epoch"], ckpt["epoch"])
+        log.info("%s: the run is complete (finished epochs: %d, --num_epochs %d), nothing to train; give a larger "
+                 "--num_epochs to train on", opt.resume, ckpt["epoch"], opt.num_epochs)
         return
 
     if launched_by_torchrun():

@@ -256,7 +256,7 @@ def test_resume_latest_a_folder_and_what_cannot_change(first_epoch, synth, tmp_p
     caplog.set_level(logging.INFO, logger="train")
     for argv in (["--resume", "latest", "--model_name", str(run_dir)], ["--resume", str(run_dir)]):
         assert errors.run(train.main, argv) == 0
-        assert f"{ckpt}: the run has finished its 1 epochs, nothing to train" in caplog.text
+        assert f"{ckpt}: the run is complete (finished epochs: 1, --num_epochs 1), nothing to train" in caplog.text
         caplog.clear()
     assert snapshot(run_dir) == before
 
