@@ -19,8 +19,9 @@ measured in the report), so DAA may hold the model in the collapse.
 
 Writes {out_dir}/ablation.json and ablation.md: per-seed numbers, mean ± sample std, and each DAA
 setting's difference from weight 0 paired by seed (same initial weights and batch order) with a 95 %
-t-interval. A run whose last output exists is finished (outputs are written atomically) and is not
-redone, so an interrupted ablation continues where it stopped; {out_dir}/settings.json guards against
+t-interval. A run whose last output (its PMRP JSON, or a plateau run's hinge-loss curve) exists is finished
+(outputs are written atomically) and is not redone, so an interrupted ablation continues where it
+stopped, also from the score files alone (checkpoints and matrices can be deleted); {out_dir}/settings.json guards against
 mixing runs made with other settings. `--jobs K` trains K runs at a time, each in its own process
 with cores / K threads.
 """
@@ -43,12 +44,14 @@ METRICS = ("r1", "r5", "r10", "asp", "pmrp")
 HEADERS = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "asp": "ASP", "pmrp": "PMRP"}
 # (module, DAA weights, variants, seeds) per size. The published recipes use weight 25 (COCO) and 10
 # (Flickr30K); 1 is the demo's. Weight 0 is DAA off, the same for either variant. Runs are made in the
-# order listed, weight 0 and 25 first, so that a stopped ablation has the main comparison.
+# order listed, weight 0 and 25 first, so that a stopped ablation has the main comparison; the plateau
+# runs come after the first PLATEAU_AFTER entries.
 GRID = {
     "full": [("SAF", (0, 25), ("reference",), range(5)), ("SGR", (0, 25), ("reference",), range(3)),
              ("SAF", (25,), ("paper",), range(5)), ("SAF", (10, 1), ("reference", "paper"), range(5))],
     "quick": [("SAF", (0, 25), ("reference",), range(2)), ("SAF", (25,), ("paper",), range(2))],
 }
+PLATEAU_AFTER = 2
 # Plateau runs: SAF, no warm-up (hardest negatives from the first step, the original recipe), the lr of
 # the published Flickr30K recipe held constant, logging every few iterations to time the collapse.
 PLATEAU = {
@@ -66,10 +69,10 @@ def setting_name(module, weight, variant):
     return f"{module}_w{weight:g}" + (f"_{variant}" if weight else "")
 
 
-def grid_runs(size):
-    """[(setting name, module, weight, variant, seed)] in the order they are made; weight 0 listed once."""
+def grid_runs(entries):
+    """[(setting name, module, weight, variant, seed)] of GRID entries, in order; weight 0 listed once."""
     runs, seen = [], set()
-    for module, weights, variants, seeds in GRID[size]:
+    for module, weights, variants, seeds in entries:
         for seed in seeds:
             for weight in weights:
                 for variant in variants:
@@ -91,7 +94,8 @@ def paths(out_dir, name, seed):
     return {"model": os.path.join(out_dir, "runs", run), "log": os.path.join(out_dir, "logs", run),
             "sims": os.path.join(out_dir, "eval", run + ".npy"),
             "evaluation": os.path.join(out_dir, "eval", run + ".json"),
-            "pmrp": os.path.join(out_dir, "eval", run + "_pmrp.json")}
+            "pmrp": os.path.join(out_dir, "eval", run + "_pmrp.json"),
+            "curve": os.path.join(out_dir, "eval", run + "_hinge.json")}
 
 
 def score(sims, evaluation_json, pmrp_json, data_path, ann_root, title):
@@ -111,11 +115,18 @@ def read_scores(evaluation_json, pmrp_json):
     return {d: {m: (pmrp if m == "pmrp" else scores)[d][m] for m in METRICS} for d in DIRECTIONS}
 
 
+def finished(where, plateau):
+    """A run is done when its last output exists: the PMRP JSON, or for a plateau run its loss curve."""
+    return os.path.isfile(where["curve"] if plateau else where["pmrp"])
+
+
 def execute(job):
     """Train and score one run (a worker's task): job = (out_dir, size, run, plateau, threads, title)."""
     out_dir, size, (name, module, weight, variant, seed), plateau, threads, title = job
     torch.set_num_threads(threads)
     where = paths(out_dir, name, seed)
+    if finished(where, plateau):
+        return
     data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
     training = dict(run_demo.TRAINING[size], daa_weight=weight)
     if plateau:
@@ -127,17 +138,34 @@ def execute(job):
         run_demo.run_script("train.py", run_demo.train_args(size, training, data_path, vocab_path, module, where["model"],
                                                             where["log"], seed, ["--daa_variant", variant]),
                             f"{title}: train")
-    if not plateau:
-        if not os.path.isfile(where["sims"]):
-            run_demo.run_script("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"),
-                                                  "--data_path", data_path, "--vocab_path", vocab_path, "--split",
-                                                  "testall", "--save_sims", where["sims"]], f"{title}: similarities")
-        score(where["sims"], where["evaluation"], where["pmrp"], data_path, ann_root, title)
+    if plateau:
+        import plot_results
+
+        steps, values = plot_results.read_scalars(where["log"])["contrastive_loss"]
+        fileio.write_json({"steps": steps.tolist(), "contrastive_loss": values.tolist()}, where["curve"])
+        return
+    if not os.path.isfile(where["sims"]):
+        run_demo.run_script("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"),
+                                              "--data_path", data_path, "--vocab_path", vocab_path, "--split",
+                                              "testall", "--save_sims", where["sims"]], f"{title}: similarities")
+    score(where["sims"], where["evaluation"], where["pmrp"], data_path, ann_root, title)
 
 
 def worker(job):
     run_demo.IN_PROCESS = True  # a worker process makes its runs in-process: no interpreter start-up per step
     execute(job)
+
+
+def run_all(jobs, n_parallel):
+    """Make every run of `jobs`, one after the other, or n_parallel at a time in worker processes."""
+    if n_parallel == 1:
+        for job in jobs:
+            execute(job)
+        return
+    # a fresh process per run (maxtasksperchild=1): nothing one training leaves behind reaches the next
+    with multiprocessing.get_context("spawn").Pool(n_parallel, maxtasksperchild=1) as pool:
+        for _ in pool.imap_unordered(worker, jobs):
+            pass
 
 
 def summarise(values):
@@ -152,17 +180,16 @@ def paired(on, off):
     differences = [{d: {m: a[d][m] - b[d][m] for m in METRICS} for d in DIRECTIONS} for a, b in zip(on, off)]
     mean, std = summarise(differences)
     n = len(differences)
-    half = {d: {m: float(scipy.stats.t.ppf(0.975, n - 1) * std[d][m] / np.sqrt(n)) if n > 1 else float("nan")
-                for m in METRICS} for d in DIRECTIONS}
+    if n < 2:  # no interval from one pair
+        return {"n": n, "mean": mean, "std": std, "ci95_low": None, "ci95_high": None}
+    half = {d: {m: float(scipy.stats.t.ppf(0.975, n - 1) * std[d][m] / np.sqrt(n)) for m in METRICS} for d in DIRECTIONS}
     return {"n": n, "mean": mean, "std": std, "ci95_low": {d: {m: mean[d][m] - half[d][m] for m in METRICS} for d in DIRECTIONS},
             "ci95_high": {d: {m: mean[d][m] + half[d][m] for m in METRICS} for d in DIRECTIONS}}
 
 
-def plateau_length(log_dir, batch_size, margin):
-    """Iterations until the hinge loss leaves the collapse (2 B m), or None if it never did in the run."""
-    import plot_results
-
-    steps, values = plot_results.read_scalars(log_dir)["contrastive_loss"]
+def plateau_length(steps, values, batch_size, margin):
+    """Iterations until the hinge loss (values at steps) leaves the collapse (2 B m), or None if it never did."""
+    values = np.asarray(values)
     below = values < PLATEAU_LEVEL * 2 * batch_size * margin
     for k in range(len(values)):
         if below[k:k + PLATEAU_STAY].all() and k + PLATEAU_STAY <= len(values):
@@ -189,29 +216,31 @@ def tie_reward(data_path, batch=128, seed=0):
 
 
 def report_of(args, size, settings):
-    """The ablation report from the finished runs' files."""
-    data_path, ann_root = os.path.join(args.out_dir, "data"), os.path.join(args.out_dir, "coco_ann")
+    """The ablation report from the finished runs' files (a setting lists the seeds finished so far)."""
+    data_path = os.path.join(args.out_dir, "data")
     references = {}
     for name in run_demo.REFERENCES:
         stem = os.path.join(args.out_dir, "eval", name.replace(" ", "_"))
         references[name] = read_scores(stem + ".json", stem + "_pmrp.json")
     groups, by_setting = [], {}
-    for name, module, weight, variant, seed in grid_runs(size):
+    for name, module, weight, variant, seed in grid_runs(GRID[size]):
         group = by_setting.get(name)
         if group is None:
             group = by_setting[name] = {"key": name, "module": module, "daa_weight": weight,
                                         "variant": variant if weight else None, "runs": []}
             groups.append(group)
         where = paths(args.out_dir, name, seed)
-        group["runs"].append(dict(read_scores(where["evaluation"], where["pmrp"]), seed=seed))
+        if finished(where, plateau=False):
+            group["runs"].append(dict(read_scores(where["evaluation"], where["pmrp"]), seed=seed))
+    groups = [g for g in groups if g["runs"]]
     oracle = references["content oracle"]
     for group in groups:
         group["mean"], group["std"] = summarise(group["runs"])
         off = by_setting[setting_name(group["module"], 0, None)]
         if group is not off:
-            seeds = [r["seed"] for r in group["runs"]]
-            off_runs = [r for r in off["runs"] if r["seed"] in seeds]
-            group["paired_difference"] = paired(group["runs"], off_runs)
+            off_by_seed = {r["seed"]: r for r in off["runs"]}
+            on = [r for r in group["runs"] if r["seed"] in off_by_seed]
+            group["paired_difference"] = paired(on, [off_by_seed[r["seed"]] for r in on])
         # Share of the ASP headroom between the DAA-off model and the content oracle that the setting covers.
         group["asp_headroom_covered"] = {d: 100 * (group["mean"][d]["asp"] - off["mean"][d]["asp"])
                                          / (oracle[d]["asp"] - off["mean"][d]["asp"]) for d in DIRECTIONS}
@@ -220,8 +249,10 @@ def report_of(args, size, settings):
     for weight in PLATEAU[size]["weights"]:
         runs = []
         for name, _, w, _, seed in plateau_runs(size):
-            if w == weight:
-                length = plateau_length(paths(args.out_dir, name, seed)["log"], training["batch_size"], 0.2)
+            where = paths(args.out_dir, name, seed)
+            if w == weight and finished(where, plateau=True):
+                curve = fileio.read_json(where["curve"], "hinge loss curve")
+                length = plateau_length(curve["steps"], curve["contrastive_loss"], training["batch_size"], 0.2)
                 runs.append({"seed": seed, "plateau_iterations": length})
         plateau.append({"daa_weight": weight, "runs": runs})
     n_images = run_demo.SIZES[size]["n_testall"]
@@ -245,8 +276,9 @@ def markdown(report):
     for g in report["groups"]:
         if "paired_difference" in g:
             p = g["paired_difference"]
-            lines.append(f"| {label(g)} − off | " + " | ".join(
-                f"{p['mean'][d][m]:+.2f} [{p['ci95_low'][d][m]:+.2f}, {p['ci95_high'][d][m]:+.2f}]"
+            lines.append(f"| {label(g)} − off (n={p['n']}) | " + " | ".join(
+                f"{p['mean'][d][m]:+.2f} " + (f"[{p['ci95_low'][d][m]:+.2f}, {p['ci95_high'][d][m]:+.2f}]"
+                                              if p["ci95_low"] else "[one pair]")
                 for d in DIRECTIONS for m in METRICS) + " |")
     lines += ["", "Share of the ASP headroom (DAA off → content oracle) covered, i2t / t2i:", ""]
     lines += [f"- {label(g)}: {g['asp_headroom_covered']['i2t']:.1f} % / {g['asp_headroom_covered']['t2i']:.1f} %"
@@ -279,6 +311,8 @@ def build_parser():
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at a time, each in its own process with cores / jobs threads (default 1)")
     p.add_argument("--quick", action="store_true", help="run_demo's tiny sizes and a small grid (for tests)")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: write the report from the runs finished so far (e.g. of a stopped ablation)")
     p.add_argument("--in_process", action="store_true",
                    help="with --jobs 1: call each script's main() in this process instead of `python script.py`")
     return p
@@ -291,9 +325,9 @@ def main(argv=None):
     run_demo.IN_PROCESS = args.in_process
     size = "quick" if args.quick else "full"
     fileio.check_output(args.out_dir, folder=True)
+    plateau = dict(PLATEAU[size], weights=list(PLATEAU[size]["weights"]), seeds=list(PLATEAU[size]["seeds"]))
     settings = {"size": size, "sizes": run_demo.SIZES[size], "training": run_demo.TRAINING[size],
-                "grid": [[m, list(w), list(v), list(s)] for m, w, v, s in GRID[size]],
-                "plateau": {k: (list(v) if isinstance(v, range) else v) for k, v in PLATEAU[size].items()}}
+                "grid": [[m, list(w), list(v), list(s)] for m, w, v, s in GRID[size]], "plateau": plateau}
     settings_path = os.path.join(args.out_dir, "settings.json")
     if os.path.isfile(settings_path):
         if fileio.read_json(settings_path, "settings file") != settings:
@@ -309,18 +343,14 @@ def main(argv=None):
         stem = path[:-len(".npy")]
         score(path, stem + ".json", stem + "_pmrp.json", data_path, os.path.join(args.out_dir, "coco_ann"), name)
 
-    runs = [(run, False) for run in grid_runs(size)] + [(run, True) for run in plateau_runs(size)]
+    entries = GRID[size]
+    runs = ([(run, False) for run in grid_runs(entries[:PLATEAU_AFTER])] + [(run, True) for run in plateau_runs(size)]
+            + [(run, False) for run in grid_runs(entries[PLATEAU_AFTER:])])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(args.out_dir, size, run, plateau, threads, f"[{k + 1}/{len(runs)}] {run[0]}, seed {run[4]}")
             for k, (run, plateau) in enumerate(runs)]
-    if args.jobs == 1:
-        for job in jobs:
-            execute(job)
-    else:
-        # a fresh process per run (maxtasksperchild=1): nothing one training leaves behind reaches the next
-        with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
-            for _ in pool.imap_unordered(worker, jobs):
-                pass
+    if not args.report_only:
+        run_all(jobs, args.jobs)
 
     report = report_of(args, size, settings)
     fileio.write_json(report, os.path.join(args.out_dir, "ablation.json"))

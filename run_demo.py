@@ -136,7 +136,7 @@ def save_reference_matrices(size, out_dir, data_path):
     paths = {}
     for name, matrix in matrices.items():
         paths[name] = os.path.join(out_dir, "eval", name.replace(" ", "_") + ".npy")
-        evaluation.save_matrix(matrix, paths[name])
+        fileio.save_npy(matrix, paths[name])
     return paths
 
 

@@ -67,7 +67,7 @@ def test_table_equals_a_recomputation_from_the_saved_matrices(demo):
     for row in results["rows"]:
         matrix = sims[row["model"]]
         if row["scope"] == "1K":
-            scores, pmrp = evaluation.score_folds(matrix, sems), pmrp_scores(matrix, codes, n_fold=5)
+            scores, pmrp = evaluation.score_folds(evaluation.fold_blocks(matrix), evaluation.fold_blocks(sems)), pmrp_scores(matrix, codes, n_fold=5)
         else:
             scores, pmrp = evaluation.score_matrix(matrix, sems), pmrp_scores(matrix, codes, n_fold=0)
         for d in ("i2t", "t2i"):
@@ -174,7 +174,7 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     assert tie["asp_soft"]["constant"] > tie["asp_soft"]["random"] + 0.05 and tie["asp_soft"]["relevance"] == 1.0
     assert tie["asp"]["constant"] == pytest.approx(0.5, abs=0.02)
     table = (out_dir / "ablation.md").read_text(encoding="utf-8")
-    assert "| content oracle |" in table and "| SAF, DAA 25 reference − off |" in table
+    assert "| content oracle |" in table and "| SAF, DAA 25 reference − off (n=2) |" in table
 
     # Finished runs are not redone: a second call only re-reads them and writes the same report.
     checkpoint_file = out_dir / "runs" / "SAF_w0_seed0" / "model_best.pth.tar"
@@ -190,7 +190,7 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     assert len(err) == 1 and "other settings" in err[0]
 
 
-def test_plateau_length_is_where_the_hinge_loss_leaves_the_collapse(monkeypatch):
+def test_plateau_length_is_where_the_hinge_loss_leaves_the_collapse():
     import ablation
 
     collapsed = 2 * 32 * 0.2
@@ -198,7 +198,6 @@ def test_plateau_length_is_where_the_hinge_loss_leaves_the_collapse(monkeypatch)
     values = np.full(30, collapsed)
     values[3] = 0.5 * collapsed  # a single dip is not the end of the collapse
     values[20:] = 0.6 * collapsed
-    monkeypatch.setattr(plot_results, "read_scalars", lambda log_dir: {"contrastive_loss": (steps, values)})
-    assert ablation.plateau_length("log", 32, 0.2) == steps[20]
+    assert ablation.plateau_length(steps, values, 32, 0.2) == steps[20]
     values[20:] = 0.95 * collapsed  # above 90 % of 2 B m: still collapsed
-    assert ablation.plateau_length("log", 32, 0.2) is None
+    assert ablation.plateau_length(steps, values, 32, 0.2) is None

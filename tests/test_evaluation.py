@@ -69,7 +69,7 @@ def test_constant_matrix_scores_zero():
 def test_folds_are_block_means():
     rng = np.random.default_rng(5)
     S, M = rng.random((15, 75)), rng.random((15, 75))
-    out = evaluation.score_folds(S, M)
+    out = evaluation.score_folds(evaluation.fold_blocks(S), evaluation.fold_blocks(M))
     assert len(out["folds"]) == 5
     blocks = [evaluation.score_matrix(S[3 * f:3 * f + 3, 15 * f:15 * f + 15], M[3 * f:3 * f + 3, 15 * f:15 * f + 15])
               for f in range(5)]
@@ -93,7 +93,7 @@ def test_coco_recalls_equal_eccv_caption():
     i2t_idx, _, t2i_idx, _ = evaluation.topk_rankings(S, 10)
     items = {"i2t": {int(image_ids[i]): caption_ids[r].tolist() for i, r in enumerate(i2t_idx)},
              "t2i": {int(caption_ids[j]): image_ids[r].tolist() for j, r in enumerate(t2i_idx)}}
-    ours_1k = evaluation.score_folds(S)
+    ours_1k = evaluation.score_folds(evaluation.fold_blocks(S))
     items_1k = {"i2t": {}, "t2i": {}}  # each query ranks its own fold's block (the package filters to it)
     for lo, hi in evaluation.fold_bounds(5000):
         bi, _, bt, _ = evaluation.topk_rankings(S[lo:hi, 5 * lo:5 * hi], 10)
@@ -263,7 +263,7 @@ def test_model_mode_end_to_end(synth, tiny_ckpts, tmp_path):
     assert errors.run(evaluation.main, ["--model_path", sgr, "--model_path2", saf, "--fold5", "--json", str(out),
                                         "--save_ranks", str(ranks), "--topk", "3"] + base) == 0
     ens = json.loads(out.read_text())
-    expected = evaluation.score_folds(mean)
+    expected = evaluation.score_folds(evaluation.fold_blocks(mean))
     assert ens["fold5"] is True and len(ens["folds"]) == 5
     for d in ("i2t", "t2i"):
         for key in ("r1", "r5", "r10", "medr", "meanr"):
