@@ -9,7 +9,6 @@ handle must not cross a fork or be pickled), an .npy is memory-mapped the same w
 also carry their block of the semantic relevance M (daa_loss.SemanticRelevance), computed in the
 loader workers by a picklable collate object.
 """
-import difflib
 import functools
 import os
 
@@ -21,32 +20,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import fileio
 from daa_loss import SemanticRelevance
 from errors import InputError
-from layout import CAPTIONS_PER_IMAGE, DEV_MAX_CAPTIONS, REGIONS
+from layout import CAPTIONS_PER_IMAGE, DEV_MAX_CAPTIONS, REGIONS, dataset_dir
 from vocab import encode_caption
 
-
-
-def dataset_dir(data_path, data_name):
-    """`{data_path}/{data_name}`, or an InputError that says what was probably meant.
-
-    Two slips are common: a short name (`--data_name coco` for the folder coco_precomp) and the dataset
-    folder given as --data_path as well (`--data_path data/coco_precomp --data_name coco_precomp`).
-    """
-    directory = os.path.join(data_path, data_name)
-    if os.path.isdir(directory):
-        return directory
-    if not os.path.isdir(data_path):
-        raise InputError(f"{data_path}: data folder not found (--data_path)")
-    parent, last = os.path.split(os.path.normpath(data_path))
-    if last == data_name:
-        raise InputError(f"{directory}: not found; --data_path already ends in {data_name}: "
-                         f"give --data_path {parent or '.'} --data_name {data_name}")
-    folders = sorted(d for d in os.listdir(data_path) if os.path.isdir(os.path.join(data_path, d)))
-    close = [d for d in folders if d.startswith(data_name)] or difflib.get_close_matches(data_name, folders, n=1)
-    if close:
-        raise InputError(f"{directory}: dataset folder not found; did you mean --data_name {close[0]}?")
-    raise InputError(f"{directory}: dataset folder not found (folders in {data_path}: "
-                     f"{', '.join(folders[:10]) or 'none'})")
 
 
 def read_captions(data_path, data_name, split):

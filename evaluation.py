@@ -43,7 +43,7 @@ import fileio
 import vocab as vocab_lib
 from daa_loss import SemanticRelevance
 from errors import InputError
-from layout import CAPTIONS_PER_IMAGE, fold_bounds
+from layout import CAPTIONS_PER_IMAGE, dataset_dir, fold_bounds
 from pmrp_com.eccv import eccv_metrics, eccv_scores
 from pmrp_com.pmrp import topk_rankings
 
@@ -512,7 +512,7 @@ def check_before_scoring(args, model_paths):
                              f"averages an SGR and an SAF model (average two runs of one module with --sims)")
     else:
         data_path, data_name = args.data_path, args.data_name
-    data.dataset_dir(data_path, data_name)
+    dataset_dir(data_path, data_name)
     if args.eccv:
         eccv_metrics(len(data.read_captions(data_path, data_name, args.split)), data_name, args.split)
 

@@ -30,6 +30,7 @@ from daa_loss import DAALoss
 from distributed import check_world_size, free_port, init_group, launched_by_torchrun, process_device, set_threads
 from errors import InputError, run
 from fileio import check_output
+from layout import dataset_dir
 from model import SimilarityModel
 from vocab import deserialize_vocab
 
@@ -390,7 +391,7 @@ def main(argv=None):
         opt, ckpt = resume_options(opt, given)
     check_options(opt)
     # Fail here, in one process, on what every process would fail on: names, vocabulary, data, checkpoint.
-    data.dataset_dir(opt.data_path, opt.data_name)
+    dataset_dir(opt.data_path, opt.data_name)
     vocab = deserialize_vocab(vocab_file(opt))
     train_set = data.PrecompDataset(opt.data_path, opt.data_name, "train", vocab)
     if opt.batch_size > len(train_set):

@@ -19,6 +19,7 @@ from nltk.tokenize import word_tokenize
 import errors
 import fileio
 from errors import InputError
+from layout import dataset_dir
 
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 
@@ -110,14 +111,12 @@ def build_parser():
 
 
 def main(argv=None):
-    import data  # data.py imports this module
-
     opt = build_parser().parse_args(argv)
     if opt.threshold < 1:
         raise InputError(f"--threshold must be at least 1 (got {opt.threshold})")
     out = os.path.join(opt.vocab_path, f"{opt.data_name}_vocab.json")
     fileio.check_output(out)
-    directory = data.dataset_dir(opt.data_path, opt.data_name)
+    directory = dataset_dir(opt.data_path, opt.data_name)
     vocab = build_vocab([os.path.join(directory, f"{split}_caps.txt") for split in ("train", "dev")], opt.threshold)
     if os.path.exists(out) and not opt.overwrite:
         # the same vocabulary again (a re-run) replaces nothing; another one would change the words' ids

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 import checkpoint
-import data
 import distributed
 import errors
 import evaluation
+import layout
 import make_synthetic_data
 import np2h
 import plot_results
@@ -325,12 +325,12 @@ def test_evaluation_checks_before_scoring(first_epoch, tmp_path, capsys, monkeyp
 def test_near_miss_data_names(synth, tmp_path, capsys):
     coco = os.path.join(synth.data_path, "coco_precomp")
     with pytest.raises(errors.InputError, match="did you mean --data_name coco_precomp"):
-        data.dataset_dir(synth.data_path, "coco")
+        layout.dataset_dir(synth.data_path, "coco")
     with pytest.raises(errors.InputError, match=re.escape(f"give --data_path {synth.data_path} --data_name coco_precomp")):
-        data.dataset_dir(coco, "coco_precomp")
+        layout.dataset_dir(coco, "coco_precomp")
     with pytest.raises(errors.InputError, match="folders in .*coco_precomp, f30k_precomp"):
-        data.dataset_dir(synth.data_path, "xyz")
-    assert data.dataset_dir(synth.data_path, "coco_precomp") == coco
+        layout.dataset_dir(synth.data_path, "xyz")
+    assert layout.dataset_dir(synth.data_path, "coco_precomp") == coco
     # train.py names the data before it looks for a vocabulary; evaluation.py and vocab.py say the same
     argv = train_argv(synth, tmp_path / "run")
     argv[argv.index("--data_name") + 1] = "coco"
