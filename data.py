@@ -20,14 +20,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import fileio
 from daa_loss import SemanticRelevance
 from errors import InputError
-from layout import CAPTIONS_PER_IMAGE, DEV_MAX_CAPTIONS, REGIONS
+from layout import CAPTIONS_PER_IMAGE, DEV_MAX_CAPTIONS, REGIONS, dataset_dir
 from vocab import encode_caption
 
 
 
 def read_captions(data_path, data_name, split):
     """The captions of a split, one str per line of `{split}_caps.txt`."""
-    return fileio.read_lines(os.path.join(data_path, data_name, f"{split}_caps.txt"), "caption file")
+    return fileio.read_lines(os.path.join(dataset_dir(data_path, data_name), f"{split}_caps.txt"), "caption file")
 
 
 def used_captions(captions, split, max_captions=None):
@@ -136,7 +136,7 @@ class PrecompDataset(Dataset):
     """
 
     def __init__(self, data_path, data_name, split, vocab, max_captions=None):
-        directory = os.path.join(data_path, data_name)
+        directory = dataset_dir(data_path, data_name)
         captions = read_captions(data_path, data_name, split)
         self.features = FeatureStore(directory, split, len(captions))  # checks counts on the full files
         captions = used_captions(captions, split, max_captions)

@@ -34,17 +34,25 @@ def check_world_size(world_size, device_type):
         raise InputError(f"--world_size {world_size}: only {torch.cuda.device_count()} CUDA device(s) available")
 
 
-def init_group(rank, world_size, init_method, device_type, timeout_s=1800):
-    """Join the process group: nccl when the processes use GPUs, gloo otherwise.
-
-    CPU processes share the cores: each gets its share of threads, since K processes with a thread per
-    core each oversubscribe the machine K times (measured on 2 busy cores, 2 processes: 5.9 s a training
-    step with 2 threads each, 0.15 s with 1).
-    """
+def init_group(rank, world_size, init_method, device_type, timeout_s=1800, threads=0):
+    """Join the process group: nccl when the processes use GPUs, gloo otherwise; then set_threads."""
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=init_method, rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
-    if device_type != "cuda" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    set_threads(threads, world_size if device_type != "cuda" else 1)
+
+
+def set_threads(threads, cpu_processes=1):
+    """torch's CPU threads in this process: `threads` when given (--threads > 0).
+
+    Otherwise one of K > 1 CPU processes gets its share of the cores (unless OMP_NUM_THREADS says),
+    since K processes with a thread per core each oversubscribe the machine K times (measured on 2 busy
+    cores, 2 processes: 5.9 s a training step with 2 threads each, 0.15 s with 1); a single process
+    keeps torch's default, one thread per core.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    elif cpu_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_processes))
 
 
 def rank_and_world():

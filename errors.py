@@ -18,8 +18,23 @@ class TrainingDiverged(Exception):
     """The training loss became NaN or inf: not the user's input, but the run cannot go on."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default, except where it says nothing: switches (default: not given) and
+    options whose default is None or empty (their help says what happens without them)."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default in (None, "", []):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its usage errors raised as InputError, so they too print as one line."""
+    """argparse with its usage errors raised as InputError, so they too print as one line, and the
+    defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise InputError(f"{self.prog}: {message}")

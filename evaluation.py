@@ -43,9 +43,9 @@ import fileio
 import vocab as vocab_lib
 from daa_loss import SemanticRelevance
 from errors import InputError
-from layout import CAPTIONS_PER_IMAGE, fold_bounds
+from layout import CAPTIONS_PER_IMAGE, dataset_dir, fold_bounds
 from model import SimilarityModel
-from pmrp_com.eccv import eccv_scores
+from pmrp_com.eccv import eccv_metrics, eccv_scores
 from pmrp_com.pmrp import topk_rankings
 
 # Elements of one chunk of rows in the rank computations: 2^20 x (1-8 bytes) x about 15 temporaries.
@@ -388,6 +388,10 @@ def build_parser():
     p.add_argument("--workers", type=int, default=0, help="data loader workers")
     p.add_argument("--shard_size", type=int, default=1000, help="images (and captions) per similarity shard")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per process (0: torch's default, one per core; K CPU processes get cores/K "
+                        "each); 1 on a machine shared with other jobs. Scores can differ in the last bits "
+                        "with the thread count")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32; tf32 (CUDA matmuls); bf16 (autocast): encoders and similarity path only, "
                         "scores and ranking stay fp32")
@@ -457,7 +461,7 @@ def evaluation_rank(rank, args, argv, init_method, device_type):
 
     An error here is also rank 0's error (same inputs), which rank 0 reports; this process just exits.
     """
-    distributed.init_group(rank, args.world_size, init_method, device_type)
+    distributed.init_group(rank, args.world_size, init_method, device_type, threads=args.threads)
     try:
         evaluate(args, argv)
     except InputError:
@@ -476,8 +480,7 @@ def evaluate_spawned(args, argv):
                                daemon=True) for rank in range(1, args.world_size)]
     for worker in workers:
         worker.start()
-    threads = torch.get_num_threads()  # init_group shares the CPU threads out; give them back afterwards
-    distributed.init_group(0, args.world_size, init_method, device_type)
+    distributed.init_group(0, args.world_size, init_method, device_type, threads=args.threads)
     try:
         report = evaluate(args, argv)
     except (RuntimeError, dist.DistBackendError) as err:
@@ -490,10 +493,29 @@ def evaluate_spawned(args, argv):
         raise
     finally:
         dist.destroy_process_group()
-        torch.set_num_threads(threads)
     for worker in workers:
         worker.join()
     return report
+
+
+def check_before_scoring(args, model_paths):
+    """What can be checked from the checkpoints' options and the caption files, before a matrix is scored
+    (hours for COCO 5K): the dataset folder (with a suggestion for a near-miss name), an SGRAF pair (an
+    SGR and an SAF model of one dataset), and the split --eccv needs."""
+    if model_paths:
+        options = [checkpoint.load_checkpoint(path)["opt"] for path in model_paths]
+        data_path, data_name = args.data_path or options[0].data_path, options[0].data_name
+        if len(options) == 2 and options[1].data_name != data_name:
+            raise InputError(f"{model_paths[1]}: trained on {options[1].data_name}, but {model_paths[0]} on "
+                             f"{data_name}; an SGRAF pair scores one dataset")
+        if len(options) == 2 and options[1].module_name == options[0].module_name:
+            raise InputError(f"{model_paths[1]}: an {options[1].module_name} model like {model_paths[0]}; SGRAF "
+                             f"averages an SGR and an SAF model (average two runs of one module with --sims)")
+    else:
+        data_path, data_name = args.data_path, args.data_name
+    dataset_dir(data_path, data_name)
+    if args.eccv:
+        eccv_metrics(len(data.read_captions(data_path, data_name, args.split)), data_name, args.split)
 
 
 def main(argv=None):
@@ -501,25 +523,33 @@ def main(argv=None):
     model_paths = args.model_path + ([args.model_path2] if args.model_path2 else [])
     if bool(model_paths) == bool(args.sims):
         raise InputError("give either --model_path (and optionally --model_path2) or --sims, not both or neither")
+    if args.sims and not (args.data_path and args.data_name):
+        raise InputError("--sims needs --data_path and --data_name (the split's captions give ASP)")
     if args.eccv and (args.fold5 or args.split != "testall"):
         raise InputError("--eccv scores the whole COCO testall split: use --split testall without --fold5")
-    if args.topk < 1 or args.shard_size < 1 or args.world_size < 1:
-        raise InputError("--topk, --shard_size and --world_size must be positive")
+    if args.topk < 1 or args.shard_size < 1 or args.world_size < 1 or args.threads < 0:
+        raise InputError("--topk, --shard_size and --world_size must be positive, --threads not negative")
     if args.sims and args.world_size > 1:
         raise InputError("--world_size splits the scoring of a model; --sims matrices are already scored")
     for output in (args.json, args.save_sims, args.save_ranks):
         if output:
             fileio.check_output(output)
-    if distributed.launched_by_torchrun():
-        distributed.init_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://",
-                               resolve_device(args.device).type)
-        try:
-            return evaluate(args, argv)
-        finally:
-            dist.destroy_process_group()
-    if args.world_size > 1:
-        return evaluate_spawned(args, argv)
-    return evaluate(args, argv)
+    check_before_scoring(args, model_paths)
+    threads = torch.get_num_threads()  # --threads is this evaluation's: an in-process caller keeps its own
+    try:
+        if distributed.launched_by_torchrun():
+            distributed.init_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://",
+                                   resolve_device(args.device).type, threads=args.threads)
+            try:
+                return evaluate(args, argv)
+            finally:
+                dist.destroy_process_group()
+        if args.world_size > 1:
+            return evaluate_spawned(args, argv)
+        distributed.set_threads(args.threads)
+        return evaluate(args, argv)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def evaluate(args, argv):
@@ -527,8 +557,6 @@ def evaluate(args, argv):
     model_paths = args.model_path + ([args.model_path2] if args.model_path2 else [])
     relevance = None
     if args.sims:
-        if not (args.data_path and args.data_name):
-            raise InputError("--sims needs --data_path and --data_name (the split's captions give ASP)")
         relevance, caps_path = relevance_of_split(args.data_path, args.data_name, args.split)
         sims = fileio.load_sims(args.sims, relevance.n_captions, caps_path)
         data_path, data_name, opts_used, blocks = args.data_path, args.data_name, None, None
@@ -543,9 +571,6 @@ def evaluate(args, argv):
         if distributed.rank_and_world()[0] != 0:
             return None
         data_name = opts_used[0].data_name
-        if any(o.data_name != data_name for o in opts_used):
-            raise InputError(f"{model_paths[1]}: trained on {opts_used[1].data_name}, "
-                             f"but {model_paths[0]} on {data_name}")
         relevance = dataset.relevance
         if whole:
             sims = results[0] if len(results) == 1 else sum(results) / len(results)
@@ -566,14 +591,14 @@ def evaluate(args, argv):
         sems_blocks = [relevance.block(np.arange(lo, hi), np.arange(5 * lo, 5 * hi)) for lo, hi in fold_bounds(n_images)]
         report.update(score_folds(fold_blocks(sims) if blocks is None else blocks, sems_blocks))
         for f, s in enumerate(report["folds"]):
-            print(format_table(s, f"fold {f}"))
-        print(format_table(report, f"{args.split}: mean of 5 folds (1K)"))
+            print(format_table(s, f"{data_name} {args.split} fold {f}"))
+        print(format_table(report, f"{data_name} {args.split}: mean of 5 folds (1K)"))
         if sims is not None:
             report["all"] = score_matrix(sims, relevance.matrix())
-            print(format_table(report["all"], f"{args.split}: all {n_images} images"))
+            print(format_table(report["all"], f"{data_name} {args.split}: all {n_images} images"))
     else:
         report.update(score_matrix(sims, relevance.matrix()))
-        print(format_table(report, f"{args.split}: {n_images} images"))
+        print(format_table(report, f"{data_name} {args.split}: {n_images} images"))
     if args.eccv:
         report["eccv"] = eccv_scores(sims, data_path, data_name, args.split, args.ann_root)
         print(json.dumps(report["eccv"], indent=2))

@@ -1,6 +1,7 @@
 """Learnable synthetic datasets in the exact SCAN precomp layouts, for demos, tests and benchmarks.
 
-    python make_synthetic_data.py [--out_dir data --vocab_dir vocab --ann_dir pmrp_com/coco_ann --seed 0]
+    python make_synthetic_data.py [--out_dir synthetic/data --vocab_dir synthetic/vocab
+                                   --ann_dir synthetic/coco_ann --seed 0]
 
 writes, deterministically from `--seed` (same seed, same bytes):
 - `{out_dir}/f30k_precomp/{train,dev,test}_{caps.txt,ims.npy}` and
@@ -18,6 +19,11 @@ the scene prototype + noise; everything is ReLU'd like bottom-up-attention featu
 varied templates, name some of the image's objects with their colours, counts, verbs and the scene, so
 words can be aligned with regions, and TF-IDF relevance (and PMRP from the annotations) is non-trivial.
 A few testall images get no instance annotation, as in real COCO (PMRP drops them).
+
+It never replaces a file it did not write: each folder it writes into gets a manifest of its files
+(size and modification time), and any other file in the way (the real data, a vocabulary from
+vocab.zip, the COCO annotations) stops it before it writes anything. A `{split}.h5` that np2h.py
+made from its previous features is removed with them, since the loader would read it instead.
 """
 import os
 import sys
@@ -31,6 +37,7 @@ from errors import InputError
 from layout import CAPTIONS_PER_IMAGE, REGIONS
 from vocab import build_vocab, serialize_vocab
 
+MANIFEST = ".make_synthetic_data.json"  # in each folder it writes: {file name: [size, mtime_ns]} of its files
 SPLITS = {"f30k_precomp": ("train", "dev", "test"), "coco_precomp": ("train", "dev", "test", "testall")}
 
 # The 80 COCO categories: (id, name, supercategory); ids run 1..90 with gaps, as in instances_*.json.
@@ -151,6 +158,52 @@ def features(rng, world, image):
     return np.maximum(regions, 0.0)
 
 
+def written_here(path):
+    """True if `path` is a file this script wrote and that nobody changed since (its folder's manifest says so)."""
+    manifest = os.path.join(os.path.dirname(path), MANIFEST)
+    if not os.path.isfile(path) or not os.path.isfile(manifest):
+        return False
+    stat = os.stat(path)
+    return fileio.read_json(manifest, "manifest").get(os.path.basename(path)) == [stat.st_size, stat.st_mtime_ns]
+
+
+def record(path):
+    """Add the file just written at `path` to its folder's manifest."""
+    manifest = os.path.join(os.path.dirname(path), MANIFEST)
+    entries = fileio.read_json(manifest, "manifest") if os.path.isfile(manifest) else {}
+    stat = os.stat(path)
+    entries[os.path.basename(path)] = [stat.st_size, stat.st_mtime_ns]
+    fileio.write_json(entries, manifest)
+
+
+def output_files(opt):
+    """Every file a run with options `opt` writes."""
+    paths = []
+    for data_name in opt.datasets:
+        directory = os.path.join(opt.out_dir, data_name)
+        paths += [os.path.join(directory, f"{split}_{kind}") for split in SPLITS[data_name]
+                  for kind in ("caps.txt", "ims.npy")]
+        paths.append(os.path.join(opt.vocab_dir, f"{data_name}_vocab.json"))
+    if "coco_precomp" in opt.datasets:
+        paths += [os.path.join(opt.out_dir, "coco_precomp", "testall_ids.txt")]
+        paths += [os.path.join(opt.ann_dir, name) for name in ("captions_val2014.json", "instances_val2014.json")]
+    return paths
+
+
+def stale_features(paths):
+    """The `{split}.h5` files np2h.py made from this script's earlier `{split}_ims.npy` among `paths` (to be
+    removed with them); InputError for one beside no such .npy (then it is someone else's)."""
+    stale = []
+    for npy in (p for p in paths if p.endswith("_ims.npy")):
+        h5 = npy[:-len("_ims.npy")] + ".h5"
+        if os.path.lexists(h5):
+            if not os.path.lexists(npy):
+                raise InputError(f"{h5}: exists and was not made from this script's features; choose an empty "
+                                 f"--out_dir (e.g. --out_dir synthetic/data)")
+            stale.append(h5)
+    return stale
+
+
 def draw_split(rng, world, n_images):
     """(images, caption lines, features (n_images, 36, D) float32) of one split, drawn from `rng`."""
     images = sample_images(rng, world, n_images)
@@ -178,7 +231,9 @@ def write_split(directory, split, lines, feats, rows_per_caption):
     if rows_per_caption:
         feats = np.repeat(feats, CAPTIONS_PER_IMAGE, axis=0)
     fileio.write_text("\n".join(lines) + "\n", os.path.join(directory, f"{split}_caps.txt"))
+    record(os.path.join(directory, f"{split}_caps.txt"))
     fileio.save_npy(feats, os.path.join(directory, f"{split}_ims.npy"))
+    record(os.path.join(directory, f"{split}_ims.npy"))
 
 
 def content_oracle(opt, data_name="coco_precomp", split="testall", n_samples=100, seed=1):
@@ -227,14 +282,20 @@ def write_coco_annotations(rng, ann_dir, image_ids, images, lines):
                       os.path.join(ann_dir, "captions_val2014.json"))
     fileio.write_json({"info": info, "licenses": [], "images": coco_images, "annotations": instances,
                        "categories": categories}, os.path.join(ann_dir, "instances_val2014.json"))
+    for name in ("captions_val2014.json", "instances_val2014.json"):
+        record(os.path.join(ann_dir, name))
 
 
 def build_parser():
     parser = errors.ArgumentParser(description="Write learnable synthetic f30k_precomp/coco_precomp datasets.")
-    parser.add_argument("--out_dir", default="data", help="data_path: gets f30k_precomp/ and coco_precomp/")
-    parser.add_argument("--vocab_dir", default="vocab", help="where {data_name}_vocab.json are written")
-    parser.add_argument("--ann_dir", default=os.path.join("pmrp_com", "coco_ann"), help="COCO annotation JSON folder")
-    parser.add_argument("--seed", default=0, type=int)
+    # Defaults apart from the real data's folders (data/, vocab/, pmrp_com/coco_ann/)
+    parser.add_argument("--out_dir", default=os.path.join("synthetic", "data"),
+                        help="data_path: gets f30k_precomp/ and coco_precomp/")
+    parser.add_argument("--vocab_dir", default=os.path.join("synthetic", "vocab"),
+                        help="where {data_name}_vocab.json are written")
+    parser.add_argument("--ann_dir", default=os.path.join("synthetic", "coco_ann"),
+                        help="folder for the COCO-format captions_val2014.json and instances_val2014.json")
+    parser.add_argument("--seed", default=0, type=int, help="same seed and sizes, same bytes")
     parser.add_argument("--feat_dim", default=2048, type=int, help="region feature dimension D")
     parser.add_argument("--n_train", default=400, type=int, help="training images per dataset")
     parser.add_argument("--n_dev", default=100, type=int, help="dev images per dataset")
@@ -243,7 +304,7 @@ def build_parser():
     parser.add_argument("--tiny", action="store_true",
                         help="tiny sizes for quick checks: 40/10/10/25 images, feat_dim 32 (overrides the size options)")
     parser.add_argument("--datasets", nargs="+", default=["f30k_precomp", "coco_precomp"],
-                        choices=["f30k_precomp", "coco_precomp"])
+                        choices=["f30k_precomp", "coco_precomp"], help="which datasets to write")
     parser.add_argument("--rows_per_caption", nargs="*", default=[], metavar="SPLIT",
                         help="write these splits with one feature row per caption (each image repeated 5x)")
     parser.add_argument("--threshold", default=4, type=int, help="vocabulary word-count threshold")
@@ -264,6 +325,15 @@ def main(argv=None):
         raise InputError(f"--rows_per_caption: unknown split(s) {sorted(unknown)}")
     for folder in (opt.out_dir, opt.vocab_dir, opt.ann_dir):  # before writing anything: no half-made dataset
         fileio.check_output(folder, folder=True)
+    paths = output_files(opt)
+    for path in paths:
+        if os.path.lexists(path) and not written_here(path):
+            raise InputError(f"{path}: exists and was not written by make_synthetic_data.py (or was changed since); "
+                             f"choose empty folders (e.g. --out_dir synthetic/data --vocab_dir synthetic/vocab "
+                             f"--ann_dir synthetic/coco_ann)")
+    for h5 in stale_features(paths):
+        os.remove(h5)
+        print(f"{h5}: removed (np2h.py made it from the features written over now)")
 
     vocab_splits = {}
     for data_name, split, images, lines, feats in draw_datasets(opt):
@@ -275,12 +345,14 @@ def main(argv=None):
             image_ids = np.sort(annotation_rng.choice(np.arange(1, 600000), size=len(images), replace=False))
             fileio.write_text("".join(f"{i}\n" for i in image_ids for _ in range(CAPTIONS_PER_IMAGE)),
                               os.path.join(directory, "testall_ids.txt"))
+            record(os.path.join(directory, "testall_ids.txt"))
             write_coco_annotations(annotation_rng, opt.ann_dir, image_ids, images, lines)
         vocab_splits.setdefault(data_name, []).append(f"{split} {len(images)} images")
     for data_name, described in vocab_splits.items():
         directory = os.path.join(opt.out_dir, data_name)
         vocab = build_vocab([os.path.join(directory, f"{s}_caps.txt") for s in ("train", "dev")], opt.threshold)
         serialize_vocab(vocab, os.path.join(opt.vocab_dir, f"{data_name}_vocab.json"))
+        record(os.path.join(opt.vocab_dir, f"{data_name}_vocab.json"))
         print(f"{directory}: " + ", ".join(described) + f"; vocabulary {len(vocab)} words")
 
 

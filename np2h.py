@@ -23,7 +23,7 @@ from tqdm import tqdm
 import errors
 import fileio
 from errors import InputError
-from layout import REGIONS
+from layout import REGIONS, dataset_dir
 
 BLOCK_BYTES = 16 << 20  # bytes read per block (about 55 images of 36 x 2048 float32)
 
@@ -97,12 +97,10 @@ def convert(npy_path, h5_path, progress=True):
 def main(argv=None):
     parser = errors.ArgumentParser(description="Convert {split}_ims.npy region features to {split}.h5 (dataset 'feat').")
     parser.add_argument("--data_path", default="data", help="folder holding {data_name}/")
-    parser.add_argument("--data_name", default="f30k_precomp")
+    parser.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp, or any folder name")
     parser.add_argument("--splits", nargs="+", default=None, help="splits to convert (default: every {split}_ims.npy found)")
     opt = parser.parse_args(argv)
-    directory = os.path.join(opt.data_path, opt.data_name)
-    if not os.path.isdir(directory):
-        raise InputError(f"{directory}: data folder not found")
+    directory = dataset_dir(opt.data_path, opt.data_name)
     if opt.splits is None:
         splits = sorted(os.path.basename(p)[:-len("_ims.npy")] for p in glob.glob(os.path.join(directory, "*_ims.npy")))
         if not splits:

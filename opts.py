@@ -5,6 +5,8 @@ Two switches of the original are store_false flags that turn a feature OFF when 
 default). They are kept so the original command lines run verbatim; `--no_max_violation` and
 `--no_bi_gru` say the same thing in words that match what they do.
 """
+import argparse
+
 from errors import ArgumentParser
 
 
@@ -18,7 +20,8 @@ def build_parser():
     parser.add_argument("--logger_name", default="./log", help="folder for the TensorBoard logs")
     # training
     parser.add_argument("--batch_size", default=128, type=int, help="training batch size per process")
-    parser.add_argument("--num_epochs", default=30, type=int)
+    parser.add_argument("--num_epochs", default=30, type=int,
+                        help="epochs of the whole run (a resumed run trains on up to this total)")
     parser.add_argument("--lr_update", default=20, type=int, help="divide the learning rate by 10 every this many epochs")
     parser.add_argument("--learning_rate", default=0.00015, type=float,
                         help="base learning rate; multiplied by world_size x accum_steps at run time")
@@ -58,8 +61,16 @@ def build_parser():
                         help="epochs that sum the hinge violations before hardest-negative mining starts")
     # running
     parser.add_argument("--seed", default=0, type=int, help="seed of the weights, dropout and data order")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--resume", default="", help="continue training from this checkpoint (weights, optimizer, epoch)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: cuda when a GPU is visible, else cpu (decided on every start, resumes included)")
+    parser.add_argument("--threads", default=0, type=int,
+                        help="CPU threads per process (0: torch's default, one per core; K CPU processes get "
+                             "cores/K each). On a machine shared with other jobs give 1: two threads on two busy "
+                             "cores can run several times slower than one")
+    parser.add_argument("--resume", default="",
+                        help="continue a run: a checkpoint, a run folder or 'latest' (newest checkpoint_{epoch} "
+                             "of --model_name). Every option comes back from the checkpoint; options given here "
+                             "override it and are logged; dims, module and vocabulary cannot change")
     parser.add_argument("--init_from", default="", help="start from this checkpoint's weights only (fine-tuning)")
     parser.add_argument("--accum_steps", default=1, type=int,
                         help="accumulate this many batches per optimizer step: a K-GPU recipe on one GPU, except "
@@ -77,6 +88,15 @@ def build_parser():
 def parse_opt(argv=None):
     """Parse the command line (argv=None: sys.argv) into an argparse.Namespace."""
     return build_parser().parse_args(argv)
+
+
+def given_options(argv=None):
+    """{option: value} of the options given on the command line `argv` (None: sys.argv), defaults left out:
+    argv parsed again with every default suppressed."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
 
 
 def with_defaults(opt):

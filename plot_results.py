@@ -3,7 +3,8 @@
     python plot_results.py --logs demo_output/logs/SGR demo_output/logs/SAF --out_dir assets
     python plot_results.py --ablation assets/ablation.json --out_dir assets
 
---logs: one or more train.py --logger_name folders (the legend uses each folder's name); writes
+--logs: one or more train.py --logger_name folders (the legend names each run by the part of its path
+that differs from the others', e.g. coco_SGR and coco_SAF for runs/coco_SGR/log and runs/coco_SAF/log); writes
 {out_dir}/training_curves.png with the hinge (contrastive) loss, the two DAA terms, and the dev rsum
 and ASP that train.py logs after every epoch. --ablation: the JSON written by ablation.py; writes
 {out_dir}/ablation_daa.png with R@1, ASP and PMRP against the DAA weight for each model and variant
@@ -43,6 +44,18 @@ def read_scalars(log_dir):
                          f"(found: {', '.join(tags) or 'none'})")
     return {tag: (np.array([e.step for e in events.Scalars(tag)], dtype=np.int64),
                   np.array([e.value for e in events.Scalars(tag)], dtype=np.float64)) for tag in tags}
+
+
+def run_names(log_dirs):
+    """Legend names: each path without the leading and trailing folders all of them share (for one run,
+    its last two folders), so runs/coco_SGR/log and runs/coco_SAF/log become coco_SGR and coco_SAF."""
+    parts = [os.path.normpath(os.path.abspath(d)).split(os.sep) for d in log_dirs]
+    if len(parts) == 1:
+        return ["/".join(parts[0][-2:])]
+    shortest = min(len(p) for p in parts)
+    head = next((i for i in range(shortest) if len({p[i] for p in parts}) > 1), shortest)
+    tail = next((i for i in range(shortest - head) if len({p[len(p) - 1 - i] for p in parts}) > 1), shortest - head)
+    return ["/".join(p[head:len(p) - tail]) or log_dirs[k] for k, p in enumerate(parts)]
 
 
 def smooth(values, points=25):
@@ -139,7 +152,7 @@ def main(argv=None):
         raise InputError("nothing to plot: give --logs and/or --ablation")
     fileio.check_output(args.out_dir, folder=True)
     if args.logs:
-        runs = [(os.path.basename(os.path.normpath(d)), read_scalars(d)) for d in args.logs]
+        runs = [(name, read_scalars(d)) for name, d in zip(run_names(args.logs), args.logs)]
         plot_training(runs, os.path.join(args.out_dir, "training_curves.png"))
     if args.ablation:
         report = fileio.read_json(args.ablation, "ablation JSON")

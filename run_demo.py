@@ -1,6 +1,6 @@
 """The whole pipeline end to end on built-in synthetic data, one real script after another.
 
-    python run_demo.py [--out_dir demo_output] [--quick] [--in_process]
+    python run_demo.py [--out_dir demo_output] [--quick] [--in_process] [--threads N]
 
 Steps (each is the project's own script run as `python script.py ...`, printed before it runs, so
 what you see is what you would type on real data):
@@ -39,9 +39,11 @@ from errors import InputError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IN_PROCESS = False  # set by --in_process
+THREADS = 0  # set by --threads: train.py's and evaluation.py's --threads (0: torch's default)
 
 # Dataset sizes (images per split) and model/training settings. "full" takes about 5 minutes (4.8
-# measured) on a quiet 2-core CPU; "quick" well under a minute. A high learning rate with the violations summed
+# measured) on an idle 2-core CPU, many times longer with the default threads when other jobs share the
+# cores (--threads 1 then); "quick" well under a minute. A high learning rate with the violations summed
 # (--warmup_epochs) learns fast; hardest-negative mining from the first step learns very slowly on small
 # data, and switching to it at that high rate made SGR collapse (dev R@1 near 0) in our runs, hence the
 # 10x lower rate from the switch on (--lr_update = --warmup_epochs).
@@ -84,11 +86,15 @@ def run_script(script, args, title):
     print(f"({script}: {time.time() - start:.1f} s)", flush=True)
 
 
+def threads_args():
+    return ["--threads", THREADS] if THREADS else []
+
+
 def train_args(size, training, data_path, vocab_path, module_name, model_dir, log_dir, seed=0, extra=()):
     """train.py's arguments for one CPU-sized run on the synthetic data."""
     args = ["--data_path", data_path, "--data_name", DATA_NAME, "--vocab_path", vocab_path,
             "--model_name", model_dir, "--logger_name", log_dir, "--module_name", module_name,
-            "--img_dim", SIZES[size]["feat_dim"], "--seed", seed]
+            "--img_dim", SIZES[size]["feat_dim"], "--seed", seed] + threads_args()
     for name, value in training.items():
         args += [f"--{name}", value]
     return args + list(extra)
@@ -156,13 +162,19 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 epochs (< 1 minute; for tests)")
     p.add_argument("--in_process", action="store_true",
                    help="call each script's main() in this process instead of starting `python script.py`")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of each training and evaluation (0: torch's default, one per core). Give 1 "
+                        "on a machine shared with other jobs: two threads on two busy cores can run several "
+                        "times slower. The numbers repeat on one machine at one thread count, not across them")
     return p
 
 
 def main(argv=None):
-    global IN_PROCESS
+    global IN_PROCESS, THREADS
     args = build_parser().parse_args(argv)
-    IN_PROCESS = args.in_process
+    if args.threads < 0:
+        raise InputError(f"--threads cannot be negative (got {args.threads})")
+    IN_PROCESS, THREADS = args.in_process, args.threads
     size = "quick" if args.quick else "full"
     fileio.check_output(args.out_dir, folder=True)
     out_dir = args.out_dir
@@ -199,7 +211,8 @@ def main(argv=None):
         models = ["--model_path", paths[0]] + (["--model_path2", paths[1]] if len(paths) == 2 else [])
         run_script("evaluation.py", models + ["--data_path", data_path, "--vocab_path", vocab_path,
                                               "--split", "testall", "--fold5", "--save_sims", where["sims"],
-                                              "--json", where["evaluation"]], step(f"evaluate {model}: 1K and 5K"))
+                                              "--json", where["evaluation"]] + threads_args(),
+                   step(f"evaluate {model}: 1K and 5K"))
         for key, n_fold in (("pmrp_1k", 5), ("pmrp_5k", 0)):
             run_script("pmrp_evaluation.py", ["--path1", where["sims"], "--n_fold", n_fold, "--dataset_root", coco_root,
                                               "--ann_root", ann_root, "--json", where[key]],

@@ -8,8 +8,11 @@ train.py ...` works as well. Each process computes the loss on its own batch of 
 averages the gradients, and the learning rate is multiplied by world_size x accum_steps at run time
 (the stored option stays unscaled, so resuming or relaunching never scales it twice).
 """
+import argparse
+import glob
 import logging
 import os
+import re
 import sys
 import time
 
@@ -24,17 +27,39 @@ import evaluation
 import opts
 from checkpoint import add_module_prefix, check_vocab, load_checkpoint, save_checkpoint
 from daa_loss import DAALoss
-from distributed import check_world_size, free_port, init_group, launched_by_torchrun, process_device
+from distributed import check_world_size, free_port, init_group, launched_by_torchrun, process_device, set_threads
 from errors import InputError, TrainingDiverged, run
 from fileio import check_output
+from layout import dataset_dir
 from model import SimilarityModel
 from vocab import deserialize_vocab
 
 log = logging.getLogger("train")
 
+# What a resumed run cannot change: the options its weights' shapes and meaning depend on (the vocabulary
+# is checked word by word against the checkpoint's).
+FIXED_ON_RESUME = ("module_name", "img_dim", "word_dim", "embed_size", "sim_dim", "num_layers", "bi_gru",
+                   "no_imgnorm", "no_txtnorm", "sgr_step")
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.pth\.tar")
+
 
 # ------------------------------------------------------------------------------------------------
 # Set-up
+
+
+def configure_logging(rank):
+    """Log lines with time and rank; INFO from rank 0, warnings only from the others."""
+    logging.basicConfig(format=f"%(asctime)s [rank {rank}] %(message)s", level=logging.INFO if rank == 0 else logging.WARNING)
+
+
+def device_type(opt):
+    """'cuda' or 'cpu': --device with auto resolved on this machine (the stored option stays as given)."""
+    return evaluation.resolve_device(opt.device).type
+
+
+def process_count(opt):
+    """Processes of the run: torchrun's WORLD_SIZE when it launched us, else --world_size."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else opt.world_size
 
 
 def check_options(opt):
@@ -42,17 +67,10 @@ def check_options(opt):
     for name in ("batch_size", "num_epochs", "accum_steps", "world_size", "log_step", "val_step", "lr_update"):
         if getattr(opt, name) < 1:
             raise InputError(f"--{name} must be at least 1 (got {getattr(opt, name)})")
-    if opt.val_images < 0 or opt.warmup_epochs < 0 or opt.workers < 0:
-        raise InputError("--val_images, --warmup_epochs and --workers cannot be negative")
-    if opt.resume and opt.init_from:
-        raise InputError("--resume and --init_from exclude each other (resume continues a run, init_from starts one)")
-    if opt.device == "auto":
-        opt.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if opt.device == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda: no CUDA device is available")
-        check_world_size(opt.world_size, opt.device)
-    if opt.amp == "fp16" and opt.device != "cuda":
+    if opt.val_images < 0 or opt.warmup_epochs < 0 or opt.workers < 0 or opt.threads < 0:
+        raise InputError("--val_images, --warmup_epochs, --workers and --threads cannot be negative")
+    check_world_size(opt.world_size, device_type(opt))
+    if opt.amp == "fp16" and device_type(opt) != "cuda":
         raise InputError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
 
 
@@ -67,6 +85,70 @@ def load_start_checkpoint(opt, path):
         raise InputError(f"{path}: checkpoint holds a {ckpt['opt'].module_name} model but --module_name is "
                          f"{opt.module_name}")
     return ckpt
+
+
+def run_checkpoints(folder):
+    """Names of the checkpoints (checkpoint_{epoch}, model_best) in `folder`, sorted; [] if there is none."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if CHECKPOINT_NAME.fullmatch(n) or n == "model_best.pth.tar")
+
+
+def resume_path(resume, model_name):
+    """The checkpoint --resume names: a file, a run folder's newest checkpoint_{epoch}, or with 'latest'
+    the newest of --model_name (the highest epoch: only finished files carry that name)."""
+    folder = model_name if resume == "latest" else resume
+    if resume == "latest" and not os.path.isdir(folder):
+        raise InputError(f"--resume latest: {folder} (--model_name) is not a run folder")
+    if not os.path.isdir(folder):
+        return resume
+    epochs = [int(m.group(1)) for m in map(CHECKPOINT_NAME.fullmatch, os.listdir(folder)) if m]
+    if not epochs:
+        raise InputError(f"{folder}: no checkpoint_{{epoch}}.pth.tar to resume from (--resume {resume})")
+    return os.path.join(folder, f"checkpoint_{max(epochs)}.pth.tar")
+
+
+def resume_options(opt, given):
+    """The options of the run --resume continues: the checkpoint's, with those `given` on the command line
+    ({name: value}) on top, each change logged. Checkpoints go on in the resumed file's folder unless
+    --model_name says otherwise. Returns (options, the checkpoint's dict)."""
+    path = resume_path(opt.resume, opt.model_name)
+    ckpt = load_checkpoint(path)
+    stored = ckpt["opt"]
+    for name in FIXED_ON_RESUME:
+        if name in given and given[name] != getattr(stored, name):
+            raise InputError(f"--{name}: {path} was trained with {name}={getattr(stored, name)}, not "
+                             f"{given[name]}; dims, module and vocabulary cannot change when resuming")
+    resumed = argparse.Namespace(**{**vars(stored), **given})
+    resumed.resume = path
+    resumed.model_name = given.get("model_name", os.path.dirname(path) or ".")
+    log.info("resuming %s (finished epochs: %d) with its options", path, ckpt.get("epoch", 0))
+    for name, value in sorted(given.items()):
+        if name != "resume" and getattr(stored, name) != value:
+            log.info("resuming with --%s %s instead of %s", name, value, getattr(stored, name))
+    return resumed, ckpt
+
+
+def check_run_folders(opt):
+    """InputError if this run would mix its outputs with another run's.
+
+    A new run needs a --model_name without checkpoints and a --logger_name without TensorBoard files (two
+    runs' curves in one folder cannot be told apart). A resumed run may write to the folder of the
+    checkpoint it resumes, or to one without checkpoints (a branch of it).
+    """
+    names = run_checkpoints(opt.model_name)
+    if opt.resume:
+        same_folder = os.path.realpath(os.path.dirname(opt.resume) or ".") == os.path.realpath(opt.model_name)
+        if names and not same_folder:
+            raise InputError(f"{opt.model_name}: holds checkpoints of another run than {opt.resume} "
+                             f"({', '.join(names[:3])}); give another --model_name")
+        return
+    if names:
+        raise InputError(f"{opt.model_name}: holds checkpoints of another run ({', '.join(names[:3])}); give a new "
+                         f"--model_name, or continue that run with --resume {opt.model_name}")
+    if glob.glob(os.path.join(opt.logger_name, "events.out.tfevents.*")):
+        raise InputError(f"{opt.logger_name}: holds another run's TensorBoard logs; give a new --logger_name "
+                         f"(e.g. --logger_name {os.path.join(opt.model_name, 'log')})")
 
 
 def unwrap(model):
@@ -90,8 +172,8 @@ def distribute(model, device):
 
 
 def set_learning_rate(opt, optimizer, epoch):
-    """Base rate x world_size x accum_steps, divided by 10 every lr_update epochs (the original's schedule)."""
-    lr = opt.learning_rate * opt.world_size * opt.accum_steps * (0.1 ** (epoch // opt.lr_update))
+    """Base rate x processes x accum_steps, divided by 10 every lr_update epochs (the original's schedule)."""
+    lr = opt.learning_rate * process_count(opt) * opt.accum_steps * (0.1 ** (epoch // opt.lr_update))
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -169,11 +251,13 @@ def checkpoint_state(opt, model, optimizer, scaler, vocab, epoch, best_rsum, ite
 
 def train_process(rank, opt, init_method):
     """Everything one process does: data, model, the epochs; rank 0 validates, logs and saves."""
-    distributed = opt.world_size > 1
-    logging.basicConfig(format=f"%(asctime)s [rank {rank}] %(message)s", level=logging.INFO if rank == 0 else logging.WARNING)
+    distributed = process_count(opt) > 1
+    configure_logging(rank)
     if distributed:
-        init_group(rank, opt.world_size, init_method, opt.device, opt.dist_timeout)
-    device = process_device(opt.device, rank)
+        init_group(rank, process_count(opt), init_method, device_type(opt), opt.dist_timeout, opt.threads)
+    else:
+        set_threads(opt.threads)
+    device = process_device(device_type(opt), rank)
 
     vocab = deserialize_vocab(vocab_file(opt))
     opt.vocab_size = len(vocab)
@@ -211,7 +295,9 @@ def train_process(rank, opt, init_method):
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         os.makedirs(opt.model_name, exist_ok=True)
-        writer = SummaryWriter(opt.logger_name)
+        # purge_step: TensorBoard hides what an earlier (killed or resumed-from-before) session of the run
+        # logged at or after the step where this one goes on, so no step appears twice
+        writer = SummaryWriter(opt.logger_name, purge_step=iterations + 1 if opt.resume else None)
         log.info("options: %s", vars(opt))
 
     def save(name, epoch):
@@ -296,8 +382,15 @@ def spawned_process(rank, opt, init_method):
 
 def main(argv=None):
     opt = opts.parse_opt(argv)
+    given = opts.given_options(argv)
+    configure_logging(0)
+    if opt.resume and given.get("init_from"):
+        raise InputError("--resume and --init_from exclude each other (resume continues a run, init_from starts one)")
+    if opt.resume:
+        opt, ckpt = resume_options(opt, given)
     check_options(opt)
-    # Fail here, in one process, on what every process would fail on: vocabulary, data, checkpoint.
+    # Fail here, in one process, on what every process would fail on: names, vocabulary, data, checkpoint.
+    dataset_dir(opt.data_path, opt.data_name)
     vocab = deserialize_vocab(vocab_file(opt))
     train_set = data.PrecompDataset(opt.data_path, opt.data_name, "train", vocab)
     if opt.batch_size > len(train_set):
@@ -315,9 +408,13 @@ def main(argv=None):
         data.check_features(dataset.features, img_dim, model_source)
     for folder in (opt.model_name, opt.logger_name):
         check_output(folder, folder=True)
+    check_run_folders(opt)
+    if opt.resume and ckpt.get("epoch", 0) >= opt.num_epochs:
+        log.info("%s: the run is complete (finished epochs: %d, --num_epochs %d), nothing to train; give a larger "
+                 "--num_epochs to train on", opt.resume, ckpt["epoch"], opt.num_epochs)
+        return
 
     if launched_by_torchrun():
-        opt.world_size = int(os.environ["WORLD_SIZE"])
         train_process(int(os.environ["RANK"]), opt, "env://")
     elif opt.world_size > 1:
         init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -333,7 +430,11 @@ def main(argv=None):
         except mp.ProcessRaisedException as err:
             raise InputError(f"a training process failed: {str(err).strip().splitlines()[-1]}") from None
     else:
-        train_process(0, opt, None)
+        threads = torch.get_num_threads()
+        try:
+            train_process(0, opt, None)
+        finally:
+            torch.set_num_threads(threads)  # --threads is this run's: an in-process caller keeps its own
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from nltk.tokenize import word_tokenize
 import errors
 import fileio
 from errors import InputError
+from layout import dataset_dir
 
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 
@@ -98,18 +99,37 @@ def encode_caption(vocab, text):
     return [vocab("<start>")] + [vocab(token) for token in tokenize(text)] + [vocab("<end>")]
 
 
-def main(argv=None):
+def build_parser():
     parser = errors.ArgumentParser(description="Build {vocab_path}/{data_name}_vocab.json from the train and dev captions.")
     parser.add_argument("--data_path", default="data", help="folder holding {data_name}/")
-    parser.add_argument("--data_name", default="f30k_precomp")
+    parser.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp, or any folder name")
     parser.add_argument("--vocab_path", default="vocab", help="output folder")
     parser.add_argument("--threshold", default=4, type=int, help="keep words seen at least this many times")
-    opt = parser.parse_args(argv)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing vocabulary file that differs (a model trained with it needs it)")
+    return parser
+
+
+def main(argv=None):
+    opt = build_parser().parse_args(argv)
     if opt.threshold < 1:
         raise InputError(f"--threshold must be at least 1 (got {opt.threshold})")
-    files = [os.path.join(opt.data_path, opt.data_name, f"{split}_caps.txt") for split in ("train", "dev")]
-    vocab = build_vocab(files, opt.threshold)
     out = os.path.join(opt.vocab_path, f"{opt.data_name}_vocab.json")
+    fileio.check_output(out)
+    directory = dataset_dir(opt.data_path, opt.data_name)
+    vocab = build_vocab([os.path.join(directory, f"{split}_caps.txt") for split in ("train", "dev")], opt.threshold)
+    if os.path.exists(out) and not opt.overwrite:
+        # the same vocabulary again (a re-run) replaces nothing; another one would change the words' ids
+        # under every model trained with the file, such as the released checkpoints and vocab.zip
+        try:
+            same = deserialize_vocab(out).word2idx == vocab.word2idx
+        except InputError:
+            same = False
+        if same:
+            print(f"{out}: already holds this vocabulary ({len(vocab)} words), unchanged")
+            return
+        raise InputError(f"{out}: exists and holds another vocabulary; give another --vocab_path, or --overwrite "
+                         f"to replace it (models trained with it would no longer load)")
     serialize_vocab(vocab, out)
     print(f"{out}: {len(vocab)} words")
 

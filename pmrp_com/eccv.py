@@ -46,22 +46,28 @@ def eccv_caption_ids(captions, image_ids, package_ids, ann_path):
     return ids, f"matched by text in {ann_path} ({unmatched} unmatched lines kept the package's ids)"
 
 
+def eccv_metrics(n_captions, data_name, split):
+    """The package's Metrics, once the split is checked to be its COCO testall (25,000 captions);
+    evaluation.py calls it before scoring too, so a wrong split fails before hours of work."""
+    with warnings.catch_warnings():  # the package warns when ujson is missing; json is fine
+        warnings.simplefilter("ignore")
+        from eccv_caption import Metrics
+    metrics = Metrics()
+    if n_captions != len(metrics.coco_ids):
+        raise InputError(f"--eccv needs the COCO testall split ({len(metrics.coco_ids)} captions); "
+                         f"{data_name} {split} has {n_captions}")
+    return metrics
+
+
 def eccv_scores(sims, data_path, data_name, split, ann_root):
     """ECCV Caption mAP@R / R-Precision / R@1 and CxC + COCO 5K R@1/5/10 (percent) of a testall matrix.
 
     Rows -> COCO image ids from testall_ids.txt; columns -> caption ids (eccv_caption_ids). The
     package's caption->image map must agree with testall_ids.txt on every column.
     """
-    with warnings.catch_warnings():  # the package warns when ujson is missing; json is fine
-        warnings.simplefilter("ignore")
-        from eccv_caption import Metrics
-
     ids_path = os.path.join(data_path, data_name, "testall_ids.txt")
     image_ids = read_image_ids(ids_path, sims.shape[0])
-    metrics = Metrics()
-    if sims.shape[1] != len(metrics.coco_ids):
-        raise InputError(f"--eccv needs the COCO testall split ({len(metrics.coco_ids)} captions); "
-                         f"{split} has {sims.shape[1]}")
+    metrics = eccv_metrics(sims.shape[1], data_name, split)
     captions = data.read_captions(data_path, data_name, split)
     caption_ids, how = eccv_caption_ids(captions, image_ids, metrics.coco_ids,
                                         os.path.join(ann_root, "captions_val2014.json"))

@@ -286,10 +286,10 @@ def test_train_bad_input(tiny_copy, reference, saf_checkpoint, tmp_path, capsys,
     elif case == "features_other_regions":
         np.save(folder / "dev_ims.npy", np.zeros((10, 20, 32), np.float32))
         needle = [folder / "dev_ims.npy", "20 regions", "--img_dim 32"]
-    elif case == "resume_features_other_dim":  # features and --img_dim agree, the checkpoint was trained on 32
+    elif case == "resume_features_other_dim":  # features of dimension 24, the checkpoint was trained on 32
         for split, n in (("train", 40), ("dev", 10)):
             np.save(folder / f"{split}_ims.npy", np.zeros((n, 36, 24), np.float32))
-        extra = ["--resume", trained, "--img_dim", "24"]
+        extra = ["--resume", trained]
         needle = [train_ims, trained]
     elif case == "features_not_array":
         train_ims.write_bytes(b"PK\x03\x04 not an array")
@@ -315,7 +315,7 @@ def test_train_bad_input(tiny_copy, reference, saf_checkpoint, tmp_path, capsys,
         extra = ["--resume", str(tmp_path / "notes.pth.tar")]
         needle = tmp_path / "notes.pth.tar"
     elif case in ("resume_other_module", "init_from_other_module"):
-        extra = ["--resume" if case.startswith("resume") else "--init_from", str(saf_checkpoint)]
+        extra = ["--resume" if case.startswith("resume") else "--init_from", str(saf_checkpoint), "--module_name", "SGR"]
         needle = [saf_checkpoint, "SAF"]
     elif case == "resume_other_dims":
         extra = ["--resume", trained, "--embed_size", "48"]
