@@ -13,7 +13,7 @@ what you see is what you would type on real data):
   6. pmrp_evaluation.py      PMRP of each matrix, 5 folds and whole split
      (steps 5-6 also score four yardsticks with --sims: random and constant scores, the content oracle
      that knows what each image holds, and the relevance M itself)
-  7. plot_results.py         training curves from the TensorBoard logs
+  7. tools/plot_results.py   training curves from the TensorBoard logs
 and finally one table in the paper's shape: {out_dir}/results.md and results.json.
 
 The synthetic testall has far fewer than 5,000 images (see SIZES), so "1K" means "mean over 5 folds
@@ -38,8 +38,7 @@ import fileio
 from errors import InputError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-IN_PROCESS = False  # set by --in_process
-THREADS = 0  # set by --threads: train.py's and evaluation.py's --threads (0: torch's default)
+THREADED_SCRIPTS = ("train.py", "evaluation.py")  # the steps that take --threads
 
 # Dataset sizes (images per split) and model/training settings. "full" takes about 5 minutes (4.8
 # measured) on an idle 2-core CPU, many times longer with the default threads when other jobs share the
@@ -65,36 +64,47 @@ SUBDIRS = ("data", "vocab", "coco_ann", "runs", "logs", "eval")  # what a run wr
 MARKER = ".run_demo"  # in --out_dir: its SUBDIRS were written by run_demo.py and may be removed
 
 
-def run_script(script, args, title):
-    """Run `python script args...`, printing the command first and its time after; InputError if it fails.
+class Runner:
+    """Runs the project's scripts as the demo's steps: `Runner(in_process, threads)(script, args, title)`.
 
-    The child inherits the terminal, so its progress bars and messages appear as they would when typed.
-    With IN_PROCESS the script's main(argv) is called in this process instead (what the command would
-    do, without a Python start-up and imports per step: the tests use it to stay fast).
+    Each step is `python script args...` (tools as `python -m tools.name`), printed first and timed after;
+    the child inherits the terminal, so its progress bars and messages appear as they would when typed.
+    With in_process the script's main(argv) is called in this process instead (what the command would do,
+    without a Python start-up and imports per step: the tests and the ablation's workers use it). With
+    threads, train.py and evaluation.py get `--threads N`.
     """
-    path = os.path.join(ROOT, script)
-    argv = [str(a) for a in args]
-    shown = shlex.join(["python", os.path.relpath(path)] + argv)  # `python train.py ...` from the repository
-    print(f"\n{'=' * 8} {title}\n$ {shown}", flush=True)
-    start = time.time()
-    if IN_PROCESS:
-        status = errors.run(importlib.import_module(os.path.splitext(script)[0]).main, argv)
-    else:
-        status = subprocess.run([sys.executable, path] + argv).returncode
-    if status:
-        raise InputError(f"{script} exited with code {status} (its message is above); the command was: {shown}")
-    print(f"({script}: {time.time() - start:.1f} s)", flush=True)
 
+    def __init__(self, in_process=False, threads=0):
+        self.in_process, self.threads = in_process, threads
 
-def threads_args():
-    return ["--threads", THREADS] if THREADS else []
+    def __call__(self, script, args, title):
+        argv = [str(a) for a in args]
+        if self.threads and script in THREADED_SCRIPTS:
+            argv += ["--threads", str(self.threads)]
+        module = os.path.splitext(script)[0].replace("/", ".")
+        if "/" in script:  # a tool: a module of the tools package, run from the repository
+            command, shown = [sys.executable, "-m", module], ["python", "-m", module]
+        else:
+            path = os.path.join(ROOT, script)
+            command, shown = [sys.executable, path], ["python", os.path.relpath(path)]
+        shown = shlex.join(shown + argv)
+        print(f"\n{'=' * 8} {title}\n$ {shown}", flush=True)
+        start = time.time()
+        if self.in_process:
+            status = errors.run(importlib.import_module(module).main, argv)
+        else:
+            environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+            status = subprocess.run(command + argv, env=environment).returncode
+        if status:
+            raise InputError(f"{script} exited with code {status} (its message is above); the command was: {shown}")
+        print(f"({script}: {time.time() - start:.1f} s)", flush=True)
 
 
 def train_args(size, training, data_path, vocab_path, module_name, model_dir, log_dir, seed=0, extra=()):
     """train.py's arguments for one CPU-sized run on the synthetic data."""
     args = ["--data_path", data_path, "--data_name", DATA_NAME, "--vocab_path", vocab_path,
             "--model_name", model_dir, "--logger_name", log_dir, "--module_name", module_name,
-            "--img_dim", SIZES[size]["feat_dim"], "--seed", seed] + threads_args()
+            "--img_dim", SIZES[size]["feat_dim"], "--seed", seed]
     for name, value in training.items():
         args += [f"--{name}", value]
     return args + list(extra)
@@ -107,7 +117,7 @@ def maker_args(size, out_dir):
     return ["--out_dir", data_path, "--vocab_dir", vocab_path, "--ann_dir", ann_root, "--datasets", DATA_NAME] + sizes
 
 
-def make_data(size, out_dir, step):
+def make_data(size, out_dir, step, run_script):
     """Steps 1-3: synthetic COCO, HDF5 features, vocabulary. Returns (data_path, vocab_path, ann_root)."""
     data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
     run_script("make_synthetic_data.py", maker_args(size, out_dir), step("synthetic COCO"))
@@ -170,11 +180,10 @@ def build_parser():
 
 
 def main(argv=None):
-    global IN_PROCESS, THREADS
     args = build_parser().parse_args(argv)
     if args.threads < 0:
         raise InputError(f"--threads cannot be negative (got {args.threads})")
-    IN_PROCESS, THREADS = args.in_process, args.threads
+    run_script = Runner(args.in_process, args.threads)
     size = "quick" if args.quick else "full"
     fileio.check_output(args.out_dir, folder=True)
     out_dir = args.out_dir
@@ -193,7 +202,7 @@ def main(argv=None):
         done.append(title)
         return f"[{len(done)}/{N_STEPS}] {title}"
 
-    data_path, vocab_path, ann_root = make_data(size, out_dir, step)
+    data_path, vocab_path, ann_root = make_data(size, out_dir, step, run_script)
     coco_root = os.path.join(data_path, DATA_NAME)
     checkpoints = {}
     for module in ("SGR", "SAF"):
@@ -211,7 +220,7 @@ def main(argv=None):
         models = ["--model_path", paths[0]] + (["--model_path2", paths[1]] if len(paths) == 2 else [])
         run_script("evaluation.py", models + ["--data_path", data_path, "--vocab_path", vocab_path,
                                               "--split", "testall", "--fold5", "--save_sims", where["sims"],
-                                              "--json", where["evaluation"]] + threads_args(),
+                                              "--json", where["evaluation"]],
                    step(f"evaluate {model}: 1K and 5K"))
         for key, n_fold in (("pmrp_1k", 5), ("pmrp_5k", 0)):
             run_script("pmrp_evaluation.py", ["--path1", where["sims"], "--n_fold", n_fold, "--dataset_root", coco_root,
@@ -233,7 +242,7 @@ def main(argv=None):
                                               "--ann_root", ann_root, "--json", where[key]],
                        step(f"PMRP of the {name}, {'5 folds' if n_fold else 'whole split'}"))
         files[name] = names
-    run_script("plot_results.py", ["--logs"] + [os.path.join(out_dir, "logs", m) for m in ("SGR", "SAF")]
+    run_script("tools/plot_results.py", ["--logs"] + [os.path.join(out_dir, "logs", m) for m in ("SGR", "SAF")]
                + ["--out_dir", out_dir], step("training curves"))
 
     n_images = SIZES[size]["n_testall"]

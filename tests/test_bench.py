@@ -1,5 +1,5 @@
 """bench.py as a smoke run: --quick in-process, every row present, project and baseline outputs agree."""
-import bench
+from tools import bench
 
 
 def test_quick_benchmark_has_every_row_and_the_outputs_agree(tmp_path):

@@ -29,7 +29,7 @@ import evaluation
 import layout
 import make_synthetic_data
 import np2h
-import plot_results
+from tools import plot_results
 import train
 import vocab as vocab_lib
 from tests.conftest import ROOT

@@ -5,7 +5,7 @@ import scipy.stats
 import torch
 
 import daa_loss
-from baselines.daa_direct import asp_soft_direct, daa_loss_direct, soft_rank_direct
+from tools.baselines.daa_direct import asp_soft_direct, daa_loss_direct, soft_rank_direct
 
 
 def exact_asp(S, M):

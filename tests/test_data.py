@@ -20,7 +20,7 @@ import errors
 import make_synthetic_data
 import np2h
 import vocab as vocab_module
-from baselines.tfidf_dense import relevance_dense
+from tools.baselines.tfidf_dense import relevance_dense
 from errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import pytest
 
 import errors
 import evaluation
-import plot_results
+from tools import plot_results
 import run_demo
 from pmrp_com.pmrp import instance_codes, pmrp_scores, read_image_ids
 
@@ -19,7 +19,6 @@ def demo(tmp_path_factory):
     """The quick demo, run once in this process (no interpreter start-up per step)."""
     out_dir = str(tmp_path_factory.mktemp("demo"))
     assert errors.run(run_demo.main, ["--quick", "--in_process", "--out_dir", out_dir]) == 0
-    run_demo.IN_PROCESS = False
     return out_dir
 
 
@@ -78,7 +77,7 @@ def test_table_equals_a_recomputation_from_the_saved_matrices(demo):
 
 def test_a_failing_step_stops_the_demo_with_one_line(tmp_path):
     with pytest.raises(errors.InputError, match=r"np2h\.py exited with code 2 .*the command was: python .*np2h\.py"):
-        run_demo.run_script("np2h.py", ["--data_path", str(tmp_path / "missing"), "--data_name", "x"], "np2h")
+        run_demo.Runner()("np2h.py", ["--data_path", str(tmp_path / "missing"), "--data_name", "x"], "np2h")
 
 
 def test_ablation_chart_and_bad_input(tmp_path, capsys):
@@ -97,8 +96,7 @@ def test_ablation_chart_and_bad_input(tmp_path, capsys):
     assert len(err) == 1 and "nope" in err[0] and "not found" in err[0]
 
 
-def test_demo_never_removes_folders_it_did_not_write(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(run_demo, "IN_PROCESS", False)  # main() sets it; restored after the test
+def test_demo_never_removes_folders_it_did_not_write(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep.txt").write_text("real data", encoding="utf-8")
     assert errors.run(run_demo.main, ["--quick", "--in_process", "--out_dir", str(tmp_path)]) == 2
@@ -112,13 +110,12 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     mean/std/paired differences and their 95 % intervals recomputed from the runs; a re-run trains nothing."""
     import scipy.stats
 
-    import ablation
+    from tools import ablation
     import checkpoint
 
     out_dir = tmp_path / "ablation"
     argv = ["--quick", "--in_process", "--out_dir", str(out_dir)]
     assert errors.run(ablation.main, argv) == 0
-    run_demo.IN_PROCESS = False
     report = json.loads((out_dir / "ablation.json").read_text(encoding="utf-8"))
     assert [g["key"] for g in report["groups"]] == ["SAF_w0", "SAF_w25_reference", "SAF_w25_paper"]
 
@@ -180,7 +177,6 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     checkpoint_file = out_dir / "runs" / "SAF_w0_seed0" / "model_best.pth.tar"
     stamp = checkpoint_file.stat().st_mtime_ns
     assert errors.run(ablation.main, argv) == 0
-    run_demo.IN_PROCESS = False
     assert checkpoint_file.stat().st_mtime_ns == stamp
     assert json.loads((out_dir / "ablation.json").read_text(encoding="utf-8")) == report
     # Other settings in the same folder are refused rather than mixed in.
@@ -191,7 +187,7 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
 
 
 def test_plateau_length_is_where_the_hinge_loss_leaves_the_collapse():
-    import ablation
+    from tools import ablation
 
     collapsed = 2 * 32 * 0.2
     steps = np.arange(5, 5 * 31, 5)

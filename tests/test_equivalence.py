@@ -19,7 +19,7 @@ import data
 import distributed
 import opts
 import train
-from baselines.train_step import original_step
+from tools.baselines.train_step import original_step
 from daa_loss import DAALoss
 from model import SimilarityModel
 from tests.conftest import SYNTH_FEAT_DIM

@@ -9,7 +9,7 @@ import pytest
 import errors
 import evaluation
 from model import SimilarityModel
-from baselines.asp_sort import asp_loop, asp_sort
+from tools.baselines.asp_sort import asp_loop, asp_sort
 
 
 def brute_ranks(S):

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from baselines.sim_loop import sim_one_caption_at_a_time
+from tools.baselines.sim_loop import sim_one_caption_at_a_time
 from model import SimilarityModel, _LocalAlignment
 
 # The released checkpoints' keys (after DDP's 'module.' is stripped) and shapes, from

@@ -7,7 +7,7 @@ import pytest
 
 import errors
 import pmrp_evaluation
-from baselines.pmrp_dict import pmrp_dict
+from tools.baselines.pmrp_dict import pmrp_dict
 from pmrp_com import pmrp
 
 

@@ -1,6 +1,6 @@
 """Benchmark: the project's hot paths against plain baselines of the original algorithms, same inputs, one run.
 
-    python bench.py [--quick] [--device cpu|cuda] [--compile] [--cases CASE ...] [--out FILE.md]
+    python -m tools.bench [--quick] [--device cpu|cuda] [--compile] [--cases CASE ...] [--out FILE.md]
 
 Every case times the project and its baseline (baselines/, the original's algorithm written plainly)
 in this process, on the same inputs, reports the speed-up, the peak memory of each side and the max
@@ -60,11 +60,11 @@ import errors
 import evaluation
 import fileio
 import np2h
-from baselines.asp_sort import asp_sort
-from baselines.daa_direct import daa_loss_direct
-from baselines.pmrp_dict import pmrp_dict
-from baselines.sim_loop import sim_one_caption_at_a_time
-from baselines.tfidf_dense import relevance_dense
+from tools.baselines.asp_sort import asp_sort
+from tools.baselines.daa_direct import daa_loss_direct
+from tools.baselines.pmrp_dict import pmrp_dict
+from tools.baselines.sim_loop import sim_one_caption_at_a_time
+from tools.baselines.tfidf_dense import relevance_dense
 from daa_loss import DAALoss, SemanticRelevance, contrastive_loss
 from errors import InputError
 from model import SimilarityModel
@@ -596,7 +596,7 @@ def main(argv=None):
     sizes = dict(SIZES["quick" if args.quick else "full"])
     if device.type == "cuda" and not args.quick:
         sizes.update(CUDA_SIZES)
-    command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m tools.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
     threads = torch.get_num_threads()
     limit = args.threads or (1 if args.quick else None)  # tiny ops of a smoke run gain nothing from threads

@@ -1,7 +1,7 @@
 """Figures for the README: training curves from TensorBoard logs, and the DAA ablation as bars.
 
-    python plot_results.py --logs demo_output/logs/SGR demo_output/logs/SAF --out_dir assets
-    python plot_results.py --ablation assets/ablation.json --out_dir assets
+    python -m tools.plot_results --logs demo_output/logs/SGR demo_output/logs/SAF --out_dir assets
+    python -m tools.plot_results --ablation assets/ablation.json --out_dir assets
 
 --logs: one or more train.py --logger_name folders (the legend names each run by the part of its path
 that differs from the others', e.g. coco_SGR and coco_SAF for runs/coco_SGR/log and runs/coco_SAF/log); writes

@@ -1,7 +1,7 @@
 """What DAA does on the synthetic data, at the published weights, over seeds, against the data's yardsticks.
 
-    python ablation.py [--out_dir ablation_output] [--jobs 2]
-    python plot_results.py --ablation ablation_output/ablation.json --out_dir assets
+    python -m tools.ablation [--out_dir ablation_output] [--jobs 2]
+    python -m tools.plot_results --ablation ablation_output/ablation.json --out_dir assets
 
 On the demo's synthetic COCO (run_demo.SIZES["full"], written once into --out_dir) and with the demo's
 schedule (run_demo.TRAINING["full"]), GRID trains every (model, DAA weight, variant) for each seed;
@@ -38,6 +38,7 @@ import errors
 import fileio
 import run_demo
 from errors import InputError
+from tools import plot_results
 
 DIRECTIONS = ("i2t", "t2i")
 METRICS = ("r1", "r5", "r10", "asp", "pmrp")
@@ -98,13 +99,13 @@ def paths(out_dir, name, seed):
             "curve": os.path.join(out_dir, "eval", run + "_hinge.json")}
 
 
-def score(sims, evaluation_json, pmrp_json, data_path, ann_root, title):
+def score(run, sims, evaluation_json, pmrp_json, data_path, ann_root, title):
     """evaluation.py --sims and pmrp_evaluation.py --n_fold 0 of a saved matrix, unless already done."""
     if not os.path.isfile(evaluation_json):
-        run_demo.run_script("evaluation.py", ["--sims", sims, "--data_path", data_path, "--data_name", run_demo.DATA_NAME,
+        run("evaluation.py", ["--sims", sims, "--data_path", data_path, "--data_name", run_demo.DATA_NAME,
                                               "--split", "testall", "--json", evaluation_json], f"{title}: evaluate")
     if not os.path.isfile(pmrp_json):
-        run_demo.run_script("pmrp_evaluation.py", ["--path1", sims, "--n_fold", 0, "--ann_root", ann_root,
+        run("pmrp_evaluation.py", ["--path1", sims, "--n_fold", 0, "--ann_root", ann_root,
                                                    "--dataset_root", os.path.join(data_path, run_demo.DATA_NAME),
                                                    "--json", pmrp_json], f"{title}: PMRP")
 
@@ -121,9 +122,10 @@ def finished(where, plateau):
 
 
 def execute(job):
-    """Train and score one run (a worker's task): job = (out_dir, size, run, plateau, threads, title)."""
-    out_dir, size, (name, module, weight, variant, seed), plateau, threads, title = job
+    """Train and score one run: job = (out_dir, size, run, plateau, in_process, threads, title)."""
+    out_dir, size, (name, module, weight, variant, seed), plateau, in_process, threads, title = job
     torch.set_num_threads(threads)
+    run = run_demo.Runner(in_process, threads)
     where = paths(out_dir, name, seed)
     if finished(where, plateau):
         return
@@ -135,25 +137,18 @@ def execute(job):
     if not os.path.isfile(last):
         for folder in (where["model"], where["log"]):  # an interrupted run of this ablation starts again
             shutil.rmtree(folder, ignore_errors=True)
-        run_demo.run_script("train.py", run_demo.train_args(size, training, data_path, vocab_path, module, where["model"],
+        run("train.py", run_demo.train_args(size, training, data_path, vocab_path, module, where["model"],
                                                             where["log"], seed, ["--daa_variant", variant]),
                             f"{title}: train")
     if plateau:
-        import plot_results
-
         steps, values = plot_results.read_scalars(where["log"])["contrastive_loss"]
         fileio.write_json({"steps": steps.tolist(), "contrastive_loss": values.tolist()}, where["curve"])
         return
     if not os.path.isfile(where["sims"]):
-        run_demo.run_script("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"),
+        run("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"),
                                               "--data_path", data_path, "--vocab_path", vocab_path, "--split",
                                               "testall", "--save_sims", where["sims"]], f"{title}: similarities")
-    score(where["sims"], where["evaluation"], where["pmrp"], data_path, ann_root, title)
-
-
-def worker(job):
-    run_demo.IN_PROCESS = True  # a worker process makes its runs in-process: no interpreter start-up per step
-    execute(job)
+    score(run, where["sims"], where["evaluation"], where["pmrp"], data_path, ann_root, title)
 
 
 def run_all(jobs, n_parallel):
@@ -164,7 +159,7 @@ def run_all(jobs, n_parallel):
         return
     # a fresh process per run (maxtasksperchild=1): nothing one training leaves behind reaches the next
     with multiprocessing.get_context("spawn").Pool(n_parallel, maxtasksperchild=1) as pool:
-        for _ in pool.imap_unordered(worker, jobs):
+        for _ in pool.imap_unordered(execute, jobs):
             pass
 
 
@@ -322,8 +317,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.jobs < 1:
         raise InputError(f"--jobs must be at least 1 (got {args.jobs})")
-    run_demo.IN_PROCESS = args.in_process
     size = "quick" if args.quick else "full"
+    run_script = run_demo.Runner(args.in_process)
     fileio.check_output(args.out_dir, folder=True)
     plateau = dict(PLATEAU[size], weights=list(PLATEAU[size]["weights"]), seeds=list(PLATEAU[size]["seeds"]))
     settings = {"size": size, "sizes": run_demo.SIZES[size], "training": run_demo.TRAINING[size],
@@ -338,16 +333,18 @@ def main(argv=None):
 
     data_path = os.path.join(args.out_dir, "data")
     if not os.path.isfile(os.path.join(data_path, run_demo.DATA_NAME, "testall.h5")):  # np2h.py's last output
-        run_demo.make_data(size, args.out_dir, lambda title: f"data: {title}")
+        run_demo.make_data(size, args.out_dir, lambda title: f"data: {title}", run_script)
     for name, path in run_demo.save_reference_matrices(size, args.out_dir, data_path).items():
         stem = path[:-len(".npy")]
-        score(path, stem + ".json", stem + "_pmrp.json", data_path, os.path.join(args.out_dir, "coco_ann"), name)
+        score(run_script, path, stem + ".json", stem + "_pmrp.json", data_path, os.path.join(args.out_dir, "coco_ann"), name)
 
     entries = GRID[size]
     runs = ([(run, False) for run in grid_runs(entries[:PLATEAU_AFTER])] + [(run, True) for run in plateau_runs(size)]
             + [(run, False) for run in grid_runs(entries[PLATEAU_AFTER:])])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = [(args.out_dir, size, run, plateau, threads, f"[{k + 1}/{len(runs)}] {run[0]}, seed {run[4]}")
+    # a worker process makes its runs in-process: no interpreter start-up per step
+    in_process = args.in_process or args.jobs > 1
+    jobs = [(args.out_dir, size, run, plateau, in_process, threads, f"[{k + 1}/{len(runs)}] {run[0]}, seed {run[4]}")
             for k, (run, plateau) in enumerate(runs)]
     if not args.report_only:
         run_all(jobs, args.jobs)

@@ -6,7 +6,7 @@ queries outside it are skipped and gallery items whose image is not a fold image
 filtered out of each ranking, order kept. Captions are identified by their column index, images by
 their COCO id. Ranking order: descending score, ties by lower index (stable sort).
 
-    python baselines/pmrp_dict.py --path1 S.npy --dataset_root D --ann_root A [--n_fold 5]
+    python -m tools.baselines.pmrp_dict --path1 S.npy --dataset_root D --ann_root A [--n_fold 5]
 
 times this baseline and pmrp_com.pmrp on the same matrix (annotation reading excluded on both sides),
 prints both times, the ratio, and whether the results agree.
@@ -17,10 +17,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import errors  # noqa: E402
-from pmrp_com.pmrp import instance_codes, pmrp_scores, read_image_ids  # noqa: E402
+import errors
+from pmrp_com.pmrp import instance_codes, pmrp_scores, read_image_ids
 
 
 def rankings(sims, image_ids):

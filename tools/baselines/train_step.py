@@ -20,8 +20,8 @@ import contextlib
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from baselines.daa_direct import asp_soft_direct
-from baselines.sim_loop import l2norm, sim_one_caption_at_a_time
+from tools.baselines.daa_direct import asp_soft_direct
+from tools.baselines.sim_loop import l2norm, sim_one_caption_at_a_time
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which the original uses
 
