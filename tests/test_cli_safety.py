@@ -348,7 +348,7 @@ def test_evaluation_header_names_the_dataset(first_epoch, capsys):
 
 
 SCRIPTS = ["train", "np2h", "vocab", "evaluation", "pmrp_evaluation", "make_synthetic_data", "run_demo",
-           "plot_results", "ablation", "bench"]
+           "tools.plot_results", "tools.ablation", "tools.bench"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
