@@ -168,8 +168,11 @@ def pad_captions(captions):
 def collate_fn(batch):
     """Items of PrecompDataset -> (images (B,36,D), captions (B,L), lengths (B,), caption_ids (B,), image_ids (B,)).
 
-    Captions keep the batch order (no sorting by length): the ids say which is which.
+    The items are sorted by caption length, longest first, ties in draw order (a stable sort), as the
+    original's collate leaves them: the loss does not depend on the order, but SAF's BatchNorm updates
+    its running statistics once per caption in this order, so the trained model does.
     """
+    batch = sorted(batch, key=lambda item: len(item[1]), reverse=True)  # sorted() is stable with reverse
     images, captions, caption_ids, image_ids = zip(*batch)
     padded, lengths = pad_captions(captions)
     return (torch.stack(images), padded, lengths, torch.tensor(caption_ids, dtype=torch.long),

@@ -9,19 +9,22 @@ A similarity matrix is (n_images, n_captions) = (n, 5n), rows in image order, co
 order; captions 5i..5i+4 belong to image i. Several matrices (two checkpoints, several --sims) are
 averaged: SGRAF = mean of an SGR and an SAF matrix.
 
-R@K (SPEC section 4). i2t: rank of image i = min over its captions c of #{a != c : s[i, a] >= s[i, c]};
-t2i: rank of caption j = #{a != j // 5 : s[a, j] >= s[j // 5, j]}. Ties count against the query, so
-a constant matrix gets R@1 = 0 and no value depends on a sort order. Computed by comparisons in
-chunks of rows (or columns), no sorting.
+R@K. i2t: rank of image i = min over its captions c of #{distractors a : s[i, a] >= s[i, c]} (its other
+captions never count against c); t2i: rank of caption j = #{a != j // 5 : s[a, j] >= s[j // 5, j]}. Ties
+with a distractor count against the query, so a constant matrix gets R@1 = 0 and no value depends on
+a sort order. Computed by comparisons in chunks of rows (or columns), no sorting.
 
-ASP: for each query row, rank_s(c) = 1 + #{a : s[a] > s[c]} + 1/2 #{a != c : s[a] = s[c]} (average rank
-of a tied block), rank_r the same on the relevance M; ASP = 100 mean min(rank_s, rank_r) / max(...).
-i2t queries are rows of S and M, t2i rows of S^T and M^T. M is daa_loss.SemanticRelevance on the
-split's captions (the dev split is cut to its first 5000 captions, as data.py does); in a fold, ASP
+ASP: for each query row, rank_s(c) = 1 + #{a != c : s[a] >= s[c]} (a tied score ranks after everything
+it ties with: a model earns no credit for the ties it makes, so a constant matrix scores about 50, like
+random scores) and rank_r(c) = 1 + #{a : r[a] > r[c]} + 1/2 #{a != c : r[a] = r[c]} on the relevance M
+(equal relevance is genuine: the average rank of a tied block); ASP = 100 mean min(rank_s, rank_r) /
+max(...). i2t queries are rows of S and M, t2i rows of S^T and M^T. M is daa_loss.SemanticRelevance on
+the split's captions (the dev split is cut to its first 5000 captions, as data.py does); in a fold, ASP
 uses the fold's block of S and of M (M fit on the whole split).
 
 --fold5: COCO 1K, the mean over 5 folds of images f n/5 .. (f+1) n/5 - 1 and their captions.
 """
+import concurrent.futures
 import contextlib
 import datetime
 import json
@@ -31,7 +34,6 @@ import sys
 import zipfile
 
 import numpy as np
-import scipy.stats
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -41,8 +43,8 @@ import errors
 import fileio
 from errors import InputError
 
-# Elements of one chunk of rows in the rank computations: 2^22 x (4-8 bytes) x a few temporaries.
-CHUNK_ELEMENTS = 1 << 22
+# Elements of one chunk of rows in the rank computations: 2^20 x (1-8 bytes) x about 15 temporaries.
+CHUNK_ELEMENTS = 1 << 20
 KS = (1, 5, 10)
 
 
@@ -64,7 +66,7 @@ def _check_square5(sims):
 
 
 def i2t_ranks(sims):
-    """0-based rank of every image query: int64 (n_images,), best of its 5 captions, ties against it."""
+    """0-based rank of every image query: int64 (n_images,), best of its 5 captions, distractor ties against it."""
     _check_square5(sims)
     n_img, n_cap = sims.shape
     ranks = np.empty(n_img, dtype=np.int64)
@@ -72,8 +74,8 @@ def i2t_ranks(sims):
         block = np.asarray(sims[rows])  # (b, n_cap)
         own = np.arange(rows.start, rows.stop)[:, None] * 5 + np.arange(5)  # (b, 5) own captions
         gt = block[np.arange(block.shape[0])[:, None], own]
-        # #{a : s[a] >= s[c]} counts c itself once (no NaN here), hence the - 1.
-        counts = np.stack([(block >= gt[:, k:k + 1]).sum(1) for k in range(5)], axis=1) - 1
+        # #{a : s[a] >= s[c]} minus the own captions >= s[c] (c itself among them): the distractors >= s[c]
+        counts = np.stack([(block >= gt[:, k:k + 1]).sum(1) - (gt >= gt[:, k:k + 1]).sum(1) for k in range(5)], axis=1)
         ranks[rows] = counts.min(1)
     return ranks
 
@@ -97,18 +99,67 @@ def recall_summary(ranks):
     return r1, r5, r10, float(np.floor(np.median(ranks)) + 1), float(ranks.mean() + 1)
 
 
+def _sort_rows(x):
+    """(order, sorted values) of each row of x (b, n), ascending: int64 and x.dtype (b, n).
+
+    float32 rows are sorted as single uint64 keys (the float's order-preserving bit pattern in the high
+    half, the column in the low half), which numpy sorts several times faster than an argsort; other
+    dtypes take np.argsort. Equal values may come in any order: the ranks below depend on values only.
+    """
+    if x.dtype != np.float32:
+        order = np.argsort(x, axis=1)
+        return order, np.take_along_axis(x, order, axis=1)
+    bits = (x + np.float32(0)).view(np.uint32)  # + 0 turns -0.0 into +0.0, so equal floats get equal keys
+    bits = bits ^ ((bits >> np.uint32(31)) * np.uint32(0x7FFFFFFF) | np.uint32(0x80000000))  # negatives flipped
+    keys = np.sort((bits.astype(np.uint64) << np.uint64(32)) | np.arange(x.shape[1], dtype=np.uint64), axis=1)
+    order = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    return order, np.take_along_axis(x, order, axis=1)
+
+
+def _tie_bounds(values):
+    """First and last position of each sorted position's block of equal values: int64 (b, n) twice."""
+    b, n = values.shape
+    position = np.broadcast_to(np.arange(n), (b, n))
+    starts = np.ones((b, n), dtype=bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    ends = np.ones((b, n), dtype=bool)
+    ends[:, :-1] = starts[:, 1:]
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=1)
+    last = np.minimum.accumulate(np.where(ends, position, n - 1)[:, ::-1], axis=1)[:, ::-1]
+    return first, last
+
+
+def _asp_rows(s, r):
+    """Sum over the rows of s and r (b, n) of min(rank_s, rank_r) / max(rank_s, rank_r) (a float)."""
+    n = s.shape[1]
+    # Twice the ranks, so that every rank is an exact integer. In ascending order a block of equal
+    # values spans positions first..last: #{a : x[a] < x[c]} = first, #{a : x[a] <= x[c]} = last + 1.
+    twice_rank = []
+    order, values = _sort_rows(s)
+    first, _ = _tie_bounds(values)
+    twice_rank.append((order, 2 * (n - first)))  # rank_s = #{a : s[a] >= s[c]}, c counting as the 1
+    order, values = _sort_rows(r)
+    first, last = _tie_bounds(values)
+    twice_rank.append((order, 2 * n - first - last))  # 2 (1 + #{>} + 1/2 #{=, != c}) = 2n - first - last
+    rank_s, rank_r = (np.empty(s.shape, dtype=np.int64) for _ in range(2))
+    for out, (order, ranks) in zip((rank_s, rank_r), twice_rank):
+        np.put_along_axis(out, order, ranks, axis=1)
+    return float((np.minimum(rank_s, rank_r) / np.maximum(rank_s, rank_r)).sum())
+
+
 def asp(sims, sems):
-    """Exact ASP in percent of query rows of `sims` against `sems` (same shape; may be transposed views)."""
+    """Exact ASP in percent of query rows of `sims` against `sems` (same shape; may be transposed views).
+
+    Chunks of rows are ranked by sorting (no per-item comparisons), on as many threads as torch uses
+    (numpy's sorts release the GIL); memory is a few chunk-sized buffers per thread.
+    """
     if sims.shape != sems.shape:
         raise ValueError(f"similarity {sims.shape} and relevance {sems.shape} differ in shape")
     n_q, n = sims.shape
-    total = 0.0
-    for rows in _chunks(n_q, n):
-        # rankdata's "average" of -x is exactly 1 + #{greater} + 1/2 #{other equal}.
-        rank_s = scipy.stats.rankdata(-np.asarray(sims[rows]), method="average", axis=1)
-        rank_m = scipy.stats.rankdata(-np.asarray(sems[rows]), method="average", axis=1)
-        total += float((np.minimum(rank_s, rank_m) / np.maximum(rank_s, rank_m)).sum())
-    return 100.0 * total / (n_q * n)
+    with concurrent.futures.ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        parts = pool.map(lambda rows: _asp_rows(np.ascontiguousarray(sims[rows]), np.ascontiguousarray(sems[rows])),
+                         _chunks(n_q, n))
+        return 100.0 * sum(parts) / (n_q * n)
 
 
 def i2t(sims, sems=None):

@@ -23,6 +23,7 @@ import os
 import sys
 
 import numpy as np
+from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
 
 import errors
 import fileio
@@ -31,6 +32,7 @@ from vocab import build_vocab, serialize_vocab
 
 REGIONS = 36
 CAPTIONS_PER_IMAGE = 5
+SPLITS = {"f30k_precomp": ("train", "dev", "test"), "coco_precomp": ("train", "dev", "test", "testall")}
 
 # The 80 COCO categories: (id, name, supercategory); ids run 1..90 with gaps, as in instances_*.json.
 COCO_CATEGORIES = [
@@ -150,18 +152,55 @@ def features(rng, world, image):
     return np.maximum(regions, 0.0)
 
 
-def write_split(rng, world, directory, split, n_images, rows_per_caption):
-    """Write {split}_caps.txt and {split}_ims.npy; return the sampled images."""
+def draw_split(rng, world, n_images):
+    """(images, caption lines, features (n_images, 36, D) float32) of one split, drawn from `rng`."""
     images = sample_images(rng, world, n_images)
     lines = [caption(rng, image) for image in images for _ in range(CAPTIONS_PER_IMAGE)]
-    feats = np.stack([features(rng, world, image) for image in images])
+    return images, lines, np.stack([features(rng, world, image) for image in images])
+
+
+def draw_datasets(opt):
+    """Yield (data_name, split, images, lines, features) of every split `opt` asks for, in a fixed order.
+
+    One random stream from `opt.seed` draws the world and then the splits in this order, so a split
+    can be drawn again in memory (for the content oracle) exactly as it was written.
+    """
+    rng = np.random.default_rng(opt.seed)
+    world = World(rng, opt.feat_dim)
+    sizes = {"train": opt.n_train, "dev": opt.n_dev, "test": opt.n_test, "testall": opt.n_testall}
+    for data_name in ("f30k_precomp", "coco_precomp"):  # fixed order: the bytes must not depend on --datasets order
+        if data_name in opt.datasets:
+            for split in SPLITS[data_name]:
+                yield (data_name, split) + draw_split(rng, world, sizes[split])
+
+
+def write_split(directory, split, lines, feats, rows_per_caption):
+    """Write {split}_caps.txt and {split}_ims.npy (each image's row 5 times with rows_per_caption)."""
     if rows_per_caption:
         feats = np.repeat(feats, CAPTIONS_PER_IMAGE, axis=0)
     fileio.write_text("\n".join(lines) + "\n", os.path.join(directory, f"{split}_caps.txt"))
     with fileio.atomic_path(os.path.join(directory, f"{split}_ims.npy")) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, feats)
-    return images, lines
+
+
+def content_oracle(opt, data_name="coco_precomp", split="testall", n_samples=100, seed=1):
+    """Scores (n_images, n_captions) float32 of an oracle that knows each image's content, not its captions.
+
+    Image i vs caption j gets the relevance image i would have to caption j in expectation over the
+    captions the generator could write for it: c_i = mean TF-IDF row of `n_samples` captions drawn for
+    image i's scene and objects, score = c_i . t_j, with the TF-IDF fitted on the split's captions as
+    the relevance M is (with the image's own 5 captions in place of the samples this is M itself). A
+    model that sees only the image cannot know more, so the oracle's ASP is the headroom of training.
+    """
+    images, lines = next((im, ln) for name, sp, im, ln, _ in draw_datasets(opt) if (name, sp) == (data_name, split))
+    counter = CountVectorizer().fit(lines)
+    tfidf = TfidfTransformer().fit(counter.transform(lines))
+    caption_rows = tfidf.transform(counter.transform(lines))  # (n_captions, V), l2-normalised rows
+    rng = np.random.default_rng(seed)
+    expected = np.stack([np.asarray(tfidf.transform(counter.transform(
+        [caption(rng, image) for _ in range(n_samples)])).mean(axis=0)).ravel() for image in images])
+    return np.asarray(caption_rows @ expected.T).T.astype(np.float32)
 
 
 def write_coco_annotations(rng, ann_dir, image_ids, images, lines):
@@ -229,24 +268,23 @@ def main(argv=None):
     for folder in (opt.out_dir, opt.vocab_dir, opt.ann_dir):  # before writing anything: no half-made dataset
         fileio.check_output(folder, folder=True)
 
-    rng = np.random.default_rng(opt.seed)
-    world = World(rng, opt.feat_dim)
-    sizes = {"train": opt.n_train, "dev": opt.n_dev, "test": opt.n_test, "testall": opt.n_testall}
-    for data_name in ("f30k_precomp", "coco_precomp"):  # fixed order: the bytes must not depend on --datasets order
-        if data_name not in opt.datasets:
-            continue
+    vocab_splits = {}
+    for data_name, split, images, lines, feats in draw_datasets(opt):
         directory = os.path.join(opt.out_dir, data_name)
-        splits = ["train", "dev", "test"] + (["testall"] if data_name == "coco_precomp" else [])
-        for split in splits:
-            images, lines = write_split(rng, world, directory, split, sizes[split], split in opt.rows_per_caption)
-            if split == "testall":
-                image_ids = np.sort(rng.choice(np.arange(1, 600000), size=len(images), replace=False))
-                fileio.write_text("".join(f"{i}\n" for i in image_ids for _ in range(CAPTIONS_PER_IMAGE)),
-                                  os.path.join(directory, "testall_ids.txt"))
-                write_coco_annotations(rng, opt.ann_dir, image_ids, images, lines)
+        write_split(directory, split, lines, feats, split in opt.rows_per_caption)
+        if split == "testall":
+            # ids and boxes from a stream of their own, so the captions and features stay replayable
+            annotation_rng = np.random.default_rng([opt.seed, 1])
+            image_ids = np.sort(annotation_rng.choice(np.arange(1, 600000), size=len(images), replace=False))
+            fileio.write_text("".join(f"{i}\n" for i in image_ids for _ in range(CAPTIONS_PER_IMAGE)),
+                              os.path.join(directory, "testall_ids.txt"))
+            write_coco_annotations(annotation_rng, opt.ann_dir, image_ids, images, lines)
+        vocab_splits.setdefault(data_name, []).append(f"{split} {len(images)} images")
+    for data_name, described in vocab_splits.items():
+        directory = os.path.join(opt.out_dir, data_name)
         vocab = build_vocab([os.path.join(directory, f"{s}_caps.txt") for s in ("train", "dev")], opt.threshold)
         serialize_vocab(vocab, os.path.join(opt.vocab_dir, f"{data_name}_vocab.json"))
-        print(f"{directory}: " + ", ".join(f"{s} {sizes[s]} images" for s in splits) + f"; vocabulary {len(vocab)} words")
+        print(f"{directory}: " + ", ".join(described) + f"; vocabulary {len(vocab)} words")
 
 
 if __name__ == "__main__":

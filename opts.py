@@ -49,8 +49,9 @@ def build_parser():
     # DAA
     parser.add_argument("--daa_weight", default=25.0, type=float, help="weight of each DAA term (0 = DAA off)")
     parser.add_argument("--daa_temp", default=0.001, type=float, help="sigmoid temperature tau of the soft ranks")
-    parser.add_argument("--daa_variant", default="paper", choices=["paper", "reference"],
-                        help="paper: ranks within each query row; reference: the released code's indexing")
+    parser.add_argument("--daa_variant", default="reference", choices=["reference", "paper"],
+                        help="reference: the released code's indexing, which trained the published models; "
+                             "paper: the formula as printed (ranks within each query row)")
     parser.add_argument("--warmup_epochs", default=0, type=int,
                         help="epochs that sum the hinge violations before hardest-negative mining starts")
     # running
@@ -75,7 +76,11 @@ def parse_opt(argv=None):
 
 
 def with_defaults(opt):
-    """Fill options missing from an older checkpoint's `opt` (e.g. the original release's) with defaults."""
+    """Fill options missing from an older checkpoint's `opt` (e.g. the original release's) with defaults.
+
+    `daa_variant` falls under the same rule: a checkpoint without it comes from the original release,
+    whose DAA is the `reference` indexing; this project has stored the field in every checkpoint it wrote.
+    """
     defaults = vars(build_parser().parse_args([]))
     for key, value in defaults.items():
         if not hasattr(opt, key):

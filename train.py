@@ -86,6 +86,32 @@ def set_learning_rate(opt, optimizer, epoch):
     return lr
 
 
+def compute_losses(model, criterion, images, captions, lengths, relevance, max_violation, amp_dtype=None):
+    """One batch's forward and loss: images (B, 36, D), captions (B, L), lengths (B,), relevance (B, B).
+
+    Returns DAALoss's dict of 0-dim tensors (loss, contrastive_loss, daa_i2t_loss, daa_t2i_loss). The
+    model runs under autocast when `amp_dtype` is given; the loss is computed in fp32 regardless.
+    """
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        sims = model(images, captions, lengths)
+    return criterion(sims, relevance, max_violation=max_violation)
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Clip the accumulated gradients (norm `grad_clip`, 0 = off), take the Adam step, clear the gradients.
+
+    Returns the gradient norm before clipping (None when clipping is off), as clip_grad_norm_ reports it.
+    """
+    norm = None
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 # ------------------------------------------------------------------------------------------------
 # Validation and checkpoints
 
@@ -195,10 +221,8 @@ def train_process(rank, opt, init_method):
         optimizer.zero_grad(set_to_none=True)
         for i, (images, captions, lengths, _, _, relevance) in enumerate(batches):
             data_time = time.time() - end
-            images, captions, relevance = images.to(device), captions.to(device), relevance.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                sims = model(images, captions, lengths)
-            losses = criterion(sims, relevance, max_violation=max_violation)
+            losses = compute_losses(model, criterion, images.to(device), captions.to(device), lengths,
+                                    relevance.to(device), max_violation, amp_dtype)
             if not torch.isfinite(losses["loss"]):
                 raise TrainingDiverged(
                     f"training loss became {losses['loss'].item()} at epoch {epoch}, iteration {iterations + 1} "
@@ -206,12 +230,7 @@ def train_process(rank, opt, init_method):
             scaler.scale(losses["loss"] / opt.accum_steps).backward()
             if (i + 1) % opt.accum_steps and i + 1 != len(train_loader):
                 continue
-            if opt.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, opt.grad_clip)
             iterations += 1
             batch_time = time.time() - end
             end = time.time()

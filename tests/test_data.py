@@ -60,9 +60,14 @@ def test_train_loader_alignment_relevance_and_determinism(synth):
     dataset = loader.dataset
     feats = np.load(os.path.join(synth.data_path, "f30k_precomp", "train_ims.npy"))
     dense = relevance_dense(dataset.captions)
+    drawn = list(loader.sampler)  # the sampler's order; each batch is 32 consecutive draws
     seen = []
     for images, captions, lengths, caption_ids, image_ids, M in loader:
         B = len(caption_ids)
+        # the original collate's order: longest caption first, equal lengths in draw order
+        draws = drawn[len(seen):len(seen) + B]
+        n_words = {j: len(vocab_module.encode_caption(vocab, dataset.captions[j])) for j in draws}
+        assert caption_ids.tolist() == sorted(draws, key=lambda j: -n_words[j])
         assert images.shape == (B, 36, synth.feat_dim) and images.dtype == torch.float32
         assert captions.dtype == torch.long and lengths.shape == (B,) and M.shape == (B, B) and M.dtype == torch.float32
         assert torch.equal(image_ids, caption_ids // 5)

@@ -8,13 +8,13 @@ import pytest
 
 import errors
 import evaluation
-from baselines.asp_sort import asp_average_loop, asp_sort
+from baselines.asp_sort import asp_loop, asp_sort
 
 
 def brute_ranks(S):
-    """SPEC R@K ranks by plain loops: i2t min over own captions of #{a != c: s >= s_c}; t2i the same for j // 5."""
+    """R@K ranks by plain loops: i2t min over own captions c of #{distractors a: s >= s_c}; t2i #{a != j // 5: ...}."""
     n, n_cap = S.shape
-    i2t = [min(sum(1 for a in range(n_cap) if a != c and S[i, a] >= S[i, c]) for c in range(5 * i, 5 * i + 5))
+    i2t = [min(sum(1 for a in range(n_cap) if a // 5 != i and S[i, a] >= S[i, c]) for c in range(5 * i, 5 * i + 5))
            for i in range(n)]
     t2i = [sum(1 for a in range(n) if a != j // 5 and S[a, j] >= S[j // 5, j]) for j in range(n_cap)]
     return np.array(i2t), np.array(t2i)
@@ -37,8 +37,8 @@ def test_recall_and_asp_against_loops(seed, levels, monkeypatch):
     assert (evaluation.i2t_ranks(S) == ri).all() and (evaluation.t2i_ranks(S) == rt).all()
     i2t, t2i = evaluation.i2t(S, M), evaluation.t2i(S, M)
     assert i2t[:5] == pytest.approx(brute_summary(ri)) and t2i[:5] == pytest.approx(brute_summary(rt))
-    assert i2t[5] == pytest.approx(asp_average_loop(S, M), abs=1e-9)
-    assert t2i[5] == pytest.approx(asp_average_loop(S.T, M.T), abs=1e-9)
+    assert i2t[5] == pytest.approx(asp_loop(S, M), abs=1e-9)
+    assert t2i[5] == pytest.approx(asp_loop(S.T, M.T), abs=1e-9)
     assert evaluation.i2t(S)[5] is None
 
 
@@ -52,11 +52,16 @@ def test_asp_sort_equals_average_rank_without_ties():
 def test_constant_matrix_scores_zero():
     scores = evaluation.score_matrix(np.full((4, 20), 0.5, dtype=np.float32), np.ones((4, 20), dtype=np.float32))
     assert scores["i2t"]["r1"] == 0.0 and scores["t2i"]["r1"] == 0.0
-    assert scores["i2t"]["medr"] == 20.0 and scores["t2i"]["meanr"] == 4.0
-    assert scores["i2t"]["asp"] == 100.0  # all tied on both sides: equal average ranks
-    # Ties count against the query even among its own captions (SPEC: every other item scoring >= it).
+    assert scores["i2t"]["medr"] == 16.0 and scores["t2i"]["meanr"] == 4.0  # 15 distractors; 3 other images
+    # Relevance all tied (average rank (n + 1) / 2 = 10.5), scores all tied (rank n = 20): 10.5 / 20.
+    assert scores["i2t"]["asp"] == pytest.approx(52.5) and scores["t2i"]["asp"] == pytest.approx(100 * 2.5 / 4)
+    # An image's own captions tied at the top is a hit: only distractors scoring >= count against it.
     tied_own = evaluation.score_matrix(np.repeat(np.eye(4), 5, axis=1))
-    assert tied_own["i2t"]["r1"] == 0.0 and tied_own["i2t"]["medr"] == 5.0 and tied_own["t2i"]["r1"] == 100.0
+    assert tied_own["i2t"]["r1"] == 100.0 and tied_own["i2t"]["medr"] == 1.0 and tied_own["t2i"]["r1"] == 100.0
+    # A distractor tied with the best own caption is a miss.
+    tied_other = np.repeat(np.eye(4), 5, axis=1)
+    tied_other[0, 5] = 1.0
+    assert evaluation.i2t_ranks(tied_other).tolist() == [1, 0, 0, 0]
     perfect = evaluation.score_matrix(np.repeat(np.eye(4), 5, axis=1) * (1 + np.arange(20) % 5))
     assert perfect["i2t"]["r1"] == 100.0 and perfect["t2i"]["r1"] == 100.0 and perfect["rsum"] == 600.0
 
@@ -148,6 +153,30 @@ def test_sims_mode_json(caps_dir):
     folds = json.loads(out.read_text())
     assert folds["fold5"] is True and len(folds["folds"]) == 5
     assert folds["i2t"]["r1"] == pytest.approx(np.mean([f["i2t"]["r1"] for f in folds["folds"]]))
+
+
+def test_asp_gives_no_credit_for_ties(synth, tmp_path):
+    """On the synthetic testall: a constant matrix scores ASP about 50 (like random scores), the relevance 100."""
+    from daa_loss import SemanticRelevance
+
+    captions = (open(os.path.join(synth.coco_root, "testall_caps.txt"), encoding="utf-8").read().splitlines())
+    M = SemanticRelevance(captions).matrix()
+    n_img, n_cap = M.shape
+    argv = ["--data_path", synth.data_path, "--data_name", "coco_precomp", "--split", "testall", "--json",
+            str(tmp_path / "out.json")]
+    results = {}
+    for name, S in (("constant", np.full((n_img, n_cap), 0.5, np.float32)), ("relevance", M),
+                    ("random", np.random.default_rng(0).random((n_img, n_cap)).astype(np.float32))):
+        np.save(tmp_path / f"{name}.npy", S)
+        assert errors.run(evaluation.main, argv + ["--sims", str(tmp_path / f"{name}.npy")]) == 0
+        results[name] = json.loads((tmp_path / "out.json").read_text())
+    for d in ("i2t", "t2i"):
+        assert results["constant"][d]["asp"] == pytest.approx(50, abs=1)
+        assert results["random"][d]["asp"] == pytest.approx(50, abs=2)
+        assert results["relevance"][d]["asp"] > 99.9  # 100 but for the few ties within M itself
+        assert results["constant"][d]["r1"] == 0.0
+    distinct = np.random.default_rng(1).random((6, 30))
+    assert evaluation.asp(distinct, distinct) == 100.0
 
 
 def _expect_error(capsys, argv, out, name, also=None):
