@@ -139,3 +139,117 @@ def test_eval_embeddings_and_similarities(golden, module_name):
     np.testing.assert_allclose(img_emb.numpy(), g[f"{P}/eval/img_emb"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(cap_emb.numpy(), g[f"{P}/eval/cap_emb"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(S.numpy(), g[f"{P}/eval/S"], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training mode: loss terms, gradients, BatchNorm statistics, the clipped Adam step
+
+
+def training_step(g, module_name, daa_weight, optimizer_class=None):
+    """The project's training step on the golden batch: compute_losses, backward, optimizer_step.
+
+    The optimizer is the original's Adam (lr from the fixture) unless `optimizer_class` is given.
+    Returns (model after the step, training-mode S, the loss dict, the gradients before the step, the
+    norm optimizer_step reports, the optimizer).
+    """
+    model = golden_model(g, module_name).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    sims = []
+    model.register_forward_hook(lambda module, inputs, output: sims.append(output.detach().clone()))
+    criterion = daa_loss.DAALoss(margin=float(g["opt_margin"]), max_violation=bool(g["opt_max_violation"]),
+                                 daa_weight=daa_weight, daa_temp=float(g["opt_daa_temp"]), daa_variant="reference")
+    optimizer = (optimizer_class or torch.optim.Adam)(model.parameters(), lr=float(g["opt_learning_rate"]))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = train.compute_losses(model, criterion, *batch_tensors(g), torch.from_numpy(g["batch/M"]),
+                                  max_violation=True)
+    losses["loss"].backward()
+    grads = {name: grad.clone() for name, grad in named_grads(model).items()}
+    norm = train.optimizer_step(model, optimizer, scaler, float(g["opt_grad_clip"]))
+    return model, sims[0], losses, grads, norm, optimizer
+
+
+class GradientRecorder(torch.optim.Optimizer):
+    """An optimizer that only records the gradients it is handed: {parameter: gradient}."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+        self.seen = {}
+
+    def step(self, closure=None):
+        self.seen = {p: p.grad.clone() for group in self.param_groups for p in group["params"]}
+
+
+def assert_gradients_match(grads, g, prefix, noise):
+    """The fixture's two measures: max |diff| within 3e-4 of the model's largest gradient, and per tensor
+    (noise tensors excepted) within 1e-3 of the tensor's largest."""
+    expected = {name: g[f"{prefix}/{name}"] for name in grads}
+    assert len(expected) == len([k for k in g if k.startswith(prefix + "/")])  # every parameter, no other
+    model_max = max(np.abs(e).max() for e in expected.values())
+    for name, grad in grads.items():
+        diff = np.abs(grad.numpy() - expected[name]).max()
+        assert diff <= 3e-4 * model_max, (name, diff, model_max)
+        if name not in noise:
+            assert diff <= 1e-3 * np.abs(expected[name]).max(), (name, diff, np.abs(expected[name]).max())
+
+
+@pytest.mark.parametrize("module_name,daa_weight", [("SGR", 25), ("SAF", 25), ("SGR", 0), ("SAF", 0)])
+def test_training_losses_and_gradients(golden, module_name, daa_weight):
+    g, P = golden, module_name
+    stored = f"{P}/train" if daa_weight else f"{P}/w0/train"
+    _, S, losses, grads, norm, _ = training_step(g, P, daa_weight)
+    np.testing.assert_allclose(S.numpy(), g[f"{P}/train/S"], rtol=0, atol=1e-6)
+    for ours, theirs in LOSS_KEYS.items():
+        assert losses[ours].item() == pytest.approx(float(g[f"{stored}/{theirs}"]), rel=1e-5, abs=1e-6), ours
+    assert float(norm) == pytest.approx(float(g[f"{stored}/grad_norm"]), rel=1e-4)
+    assert_gradients_match(grads, g, f"{P}/grad" if daa_weight else f"{P}/w0/grad", NOISE[P])
+
+
+@pytest.mark.parametrize("module_name", ["SGR", "SAF"])
+def test_batchnorm_statistics_after_the_forward(golden, module_name):
+    """VisualSA's BatchNorms updated once; SAF's gate BatchNorm once per caption, in caption order."""
+    g, P = golden, module_name
+    model = training_step(g, P, 25)[0]
+    buffers = dict(model.sim_enc.named_buffers())
+    prefix = f"{P}/after_fwd/sim_enc/"
+    stored = {k[len(prefix):]: v for k, v in g.items() if k.startswith(prefix)}
+    assert set(stored) == set(buffers)
+    for name, value in stored.items():
+        if name.endswith("num_batches_tracked"):
+            assert int(buffers[name]) == int(value), name
+        else:
+            np.testing.assert_allclose(buffers[name].numpy(), value, rtol=0, atol=1e-6, err_msg=name)
+    assert int(buffers.get("SAF_module.bn.num_batches_tracked", 8)) == 8
+
+
+@pytest.mark.parametrize("module_name", ["SGR", "SAF"])
+def test_weights_after_one_clipped_adam_step(golden, module_name):
+    g, P = golden, module_name
+    model = training_step(g, P, 25)[0]
+    lr, clip = float(g["opt_learning_rate"]), float(g["opt_grad_clip"])
+    scale = min(1.0, clip / (float(g[f"{P}/train/grad_norm"]) + 1e-6))
+    for name, value in named_params(model).items():
+        expected = g[f"{P}/after_step/{name}"]
+        diff = np.abs(value.numpy() - expected)
+        assert diff.max() <= 2 * lr, name  # Adam's first step moves every element by at most lr
+        if name not in NOISE[P]:
+            # elements with a gradient well above float32 noise: Adam's lr g / (|g| + eps) is exact there
+            firm = np.abs(g[f"{P}/grad/{name}"]) * scale >= 1e-6
+            assert diff[firm].max(initial=0) <= 1e-6, name
+    model.eval()
+    with torch.no_grad():
+        S = model(*batch_tensors(g))
+    np.testing.assert_allclose(S.numpy(), g[f"{P}/eval_after_step/S"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("module_name", ["SGR", "SAF"])
+def test_optimizer_step_clips_the_golden_gradient_to_norm_2(golden, module_name):
+    """What the optimizer is handed is the original's gradient times 2 / (||g|| + 1e-6)."""
+    g, P = golden, module_name
+    model, _, _, _, _, recorder = training_step(g, P, 25, GradientRecorder)
+    clip = float(g["opt_grad_clip"])
+    scale = clip / (float(g[f"{P}/train/grad_norm"]) + 1e-6)
+    clipped = {f"{part}/{name}": recorder.seen[p] for part in PARTS for name, p in getattr(model, part).named_parameters()}
+    assert float(torch.sqrt(sum((c.double() ** 2).sum() for c in clipped.values()))) == pytest.approx(clip, rel=1e-5)
+    assert_gradients_match({name: c / scale for name, c in clipped.items()}, g, f"{P}/grad", NOISE[P])
