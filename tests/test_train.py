@@ -58,17 +58,19 @@ def hinge_kind(S, margin, contrastive):
 
 def observe_training(monkeypatch):
     """Record, while train.main runs in this process, what the optimizer and the loss actually get:
-    {"lr": the learning rate of every Adam step, "max_violation": the hinge of every loss call}."""
-    seen = {"lr": [], "max_violation": []}
+    {"lr": the learning rate of every Adam step, "max_violation": the hinge of every loss call,
+    "relevance": the sum of every loss call's relevance block (a fingerprint of the batch)}."""
+    seen = {"lr": [], "max_violation": [], "relevance": []}
     adam_step, loss_forward = torch.optim.Adam.step, DAALoss.forward
 
     def step(self, *args, **kwargs):
         seen["lr"].append(self.param_groups[0]["lr"])
         return adam_step(self, *args, **kwargs)
 
-    def forward(self, S, *args, **kwargs):
-        losses = loss_forward(self, S, *args, **kwargs)
+    def forward(self, S, M=None, *args, **kwargs):
+        losses = loss_forward(self, S, M, *args, **kwargs)
         seen["max_violation"].append(hinge_kind(S.detach().float(), self.margin, losses["contrastive_loss"].detach()))
+        seen["relevance"].append(float(M.double().sum()))
         return losses
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
@@ -137,6 +139,12 @@ def test_learning_rate_of_every_step(scheduled):
 def test_hardest_negatives_from_the_end_of_the_warm_up(scheduled):
     """--warmup_epochs 1: epoch 0 sums the violations (10 loss calls), epochs 1 and 2 take the hardest."""
     assert scheduled[1]["max_violation"] == [False] * 10 + [True] * 20
+
+
+def test_every_epoch_draws_new_batches(scheduled):
+    batches = scheduled[1]["relevance"]
+    epochs = [batches[10 * e:10 * e + 10] for e in range(3)]
+    assert len(batches) == 30 and epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
 
 
 @pytest.mark.parametrize("flags,expected", [([], True), (["--max_violation"], False), (["--no_max_violation"], False)])
