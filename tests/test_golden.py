@@ -8,7 +8,6 @@ Adam step. Training mode has every Dropout off, as the fixture was made. Toleran
 the spread of the original itself between 1 and 2 threads and float32 and float64.
 """
 import argparse
-import copy
 import os
 
 import numpy as np
@@ -88,12 +87,9 @@ def batch_tensors(g):
             torch.from_numpy(g["batch/lengths"]))
 
 
-def named_grads(model):
-    return {f"{part}/{name}": p.grad for part in PARTS for name, p in getattr(model, part).named_parameters()}
-
-
-def named_params(model):
-    return {f"{part}/{name}": p.detach().clone() for part in PARTS for name, p in getattr(model, part).named_parameters()}
+def parameters(model):
+    """{"img_enc/fc.weight": parameter, ...}: the fixture's names for the model's parameters."""
+    return {f"{part}/{name}": p for part in PARTS for name, p in getattr(model, part).named_parameters()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,7 +161,7 @@ def training_step(g, module_name, daa_weight, optimizer_class=None):
     losses = train.compute_losses(model, criterion, *batch_tensors(g), torch.from_numpy(g["batch/M"]),
                                   max_violation=True)
     losses["loss"].backward()
-    grads = {name: grad.clone() for name, grad in named_grads(model).items()}
+    grads = {name: p.grad.clone() for name, p in parameters(model).items()}
     norm = train.optimizer_step(model, optimizer, scaler, float(g["opt_grad_clip"]))
     return model, sims[0], losses, grads, norm, optimizer
 
@@ -220,7 +216,6 @@ def test_batchnorm_statistics_after_the_forward(golden, module_name):
             assert int(buffers[name]) == int(value), name
         else:
             np.testing.assert_allclose(buffers[name].numpy(), value, rtol=0, atol=1e-6, err_msg=name)
-    assert int(buffers.get("SAF_module.bn.num_batches_tracked", 8)) == 8
 
 
 @pytest.mark.parametrize("module_name", ["SGR", "SAF"])
@@ -229,9 +224,9 @@ def test_weights_after_one_clipped_adam_step(golden, module_name):
     model = training_step(g, P, 25)[0]
     lr, clip = float(g["opt_learning_rate"]), float(g["opt_grad_clip"])
     scale = min(1.0, clip / (float(g[f"{P}/train/grad_norm"]) + 1e-6))
-    for name, value in named_params(model).items():
+    for name, value in parameters(model).items():
         expected = g[f"{P}/after_step/{name}"]
-        diff = np.abs(value.numpy() - expected)
+        diff = np.abs(value.detach().numpy() - expected)
         assert diff.max() <= 2 * lr, name  # Adam's first step moves every element by at most lr
         if name not in NOISE[P]:
             # elements with a gradient well above float32 noise: Adam's lr g / (|g| + eps) is exact there
@@ -250,6 +245,6 @@ def test_optimizer_step_clips_the_golden_gradient_to_norm_2(golden, module_name)
     model, _, _, _, _, recorder = training_step(g, P, 25, GradientRecorder)
     clip = float(g["opt_grad_clip"])
     scale = clip / (float(g[f"{P}/train/grad_norm"]) + 1e-6)
-    clipped = {f"{part}/{name}": recorder.seen[p] for part in PARTS for name, p in getattr(model, part).named_parameters()}
+    clipped = {name: recorder.seen[p] for name, p in parameters(model).items()}
     assert float(torch.sqrt(sum((c.double() ** 2).sum() for c in clipped.values()))) == pytest.approx(clip, rel=1e-5)
     assert_gradients_match({name: c / scale for name, c in clipped.items()}, g, f"{P}/grad", NOISE[P])
