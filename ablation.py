@@ -1,106 +1,333 @@
-"""What DAA does: the same training with DAA off, with the paper's DAA and with the released code's, over seeds.
+"""What DAA does on the synthetic data, at the published weights, over seeds, against the data's yardsticks.
 
-    python ablation.py [--out_dir ablation_output] [--seeds 0 1 2] [--module_name SAF] [--daa_weight 1]
+    python ablation.py [--out_dir ablation_output] [--jobs 2]
     python plot_results.py --ablation ablation_output/ablation.json --out_dir assets
 
-On the demo's synthetic COCO (run_demo.SIZES["full"], written once into --out_dir), every setting is
-trained with run_demo's CPU-sized options for each seed; only `--daa_weight 0` (off) or
-`--daa_variant paper|reference` and `--seed` change (the seed sets the initial weights, dropout and
-batch order; the data are the same for all runs). Each run is then scored on the whole testall split
-by evaluation.py (R@1/5/10, ASP) and pmrp_evaluation.py --n_fold 0 (PMRP), both directions.
-Writes {out_dir}/ablation.json and ablation.md: per-seed numbers, mean ± sample standard deviation
-over seeds, and the difference of each DAA setting from DAA off paired by seed (same initial weights
-and batch order), which is the more sensitive comparison.
+On the demo's synthetic COCO (run_demo.SIZES["full"], written once into --out_dir) and with the demo's
+schedule (run_demo.TRAINING["full"]), GRID trains every (model, DAA weight, variant) for each seed;
+only `--daa_weight`, `--daa_variant`, `--module_name` and `--seed` change (the seed sets the initial
+weights, dropout and batch order; the data are the same for all runs). Each run is scored on the
+whole testall split by evaluation.py (R@1/5/10, ASP) and pmrp_evaluation.py --n_fold 0 (PMRP).
+The yardsticks (run_demo.save_reference_matrices: random and constant scores, the content oracle,
+the relevance itself) are scored the same way, so each setting can be placed between the DAA-off
+model and the best an image-only model could do.
 
-A run whose PMRP JSON exists is finished (every output is written atomically) and is not redone, so
-an interrupted ablation continues where it stopped; {out_dir}/settings.json guards against mixing
-runs made with other settings.
+A second experiment, PLATEAU, measures how long the collapse at the start of hardest-negative
+training lasts (every score equal, hinge loss at 2 B m) without warm-up, for DAA weights 0 / 10 / 25:
+DAA's soft ranks reward tied scores (asp_soft of a constant matrix is above that of random scores,
+measured in the report), so DAA may hold the model in the collapse.
+
+Writes {out_dir}/ablation.json and ablation.md: per-seed numbers, mean ± sample std, and each DAA
+setting's difference from weight 0 paired by seed (same initial weights and batch order) with a 95 %
+t-interval. A run whose last output (its PMRP JSON, or a plateau run's hinge-loss curve) exists is finished
+(outputs are written atomically) and is not redone, so an interrupted ablation continues where it
+stopped, also from the score files alone (checkpoints and matrices can be deleted); {out_dir}/settings.json guards against
+mixing runs made with other settings. `--jobs K` trains K runs at a time, each in its own process
+with cores / K threads.
 """
+import multiprocessing
 import os
+import shutil
 import sys
 
 import numpy as np
+import scipy.stats
+import torch
 
 import errors
 import fileio
 import run_demo
 from errors import InputError
 
-# (key, legend name, train.py options) of each setting; the DAA weight of the "on" settings is --daa_weight.
-VARIANTS = (("off", "DAA off", lambda w: ["--daa_weight", 0]),
-            ("paper", "DAA paper", lambda w: ["--daa_weight", w, "--daa_variant", "paper"]),
-            ("reference", "DAA reference", lambda w: ["--daa_weight", w, "--daa_variant", "reference"]))
+DIRECTIONS = ("i2t", "t2i")
 METRICS = ("r1", "r5", "r10", "asp", "pmrp")
 HEADERS = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "asp": "ASP", "pmrp": "PMRP"}
+# (module, DAA weights, variants, seeds) per size. The published recipes use weight 25 (COCO) and 10
+# (Flickr30K); 1 is the demo's. Weight 0 is DAA off, the same for either variant. Runs are made in the
+# order listed, weight 0 and 25 first, so that a stopped ablation has the main comparison; the plateau
+# runs come after the first PLATEAU_AFTER entries.
+GRID = {
+    "full": [("SAF", (0, 25), ("reference",), range(5)), ("SGR", (0, 25), ("reference",), range(3)),
+             ("SAF", (25,), ("paper",), range(5)), ("SAF", (10, 1), ("reference", "paper"), range(5))],
+    "quick": [("SAF", (0, 25), ("reference",), range(2)), ("SAF", (25,), ("paper",), range(2))],
+}
+PLATEAU_AFTER = 2
+# Plateau runs: SAF, no warm-up (hardest negatives from the first step, the original recipe), the lr of
+# the published Flickr30K recipe held constant, logging every few iterations to time the collapse.
+PLATEAU = {
+    "full": {"weights": (0, 10, 25), "seeds": range(3),
+             "training": {"warmup_epochs": 0, "learning_rate": 0.0006, "lr_update": 1000, "num_epochs": 8, "log_step": 5}},
+    "quick": {"weights": (0, 25), "seeds": range(1),
+              "training": {"warmup_epochs": 0, "learning_rate": 0.0006, "lr_update": 1000, "num_epochs": 2, "log_step": 1}},
+}
+# The collapse has ended at the first logged hinge loss below this share of 2 B m after which it stays there.
+PLATEAU_LEVEL = 0.9
+PLATEAU_STAY = 5  # logged points
 
 
-def run_one(args, size, key, options, seed, data_path, vocab_path, ann_root, title):
-    """Train, evaluate and PMRP one (setting, seed); returns {"i2t": {metric: value}, "t2i": {...}}."""
-    name = f"{key}_seed{seed}"
-    model_dir, log_dir = (os.path.join(args.out_dir, sub, name) for sub in ("runs", "logs"))
-    sims, evaluation_json, pmrp_json = (os.path.join(args.out_dir, "eval", name + suffix)
-                                        for suffix in (".npy", ".json", "_pmrp.json"))
+def setting_name(module, weight, variant):
+    return f"{module}_w{weight:g}" + (f"_{variant}" if weight else "")
+
+
+def grid_runs(entries):
+    """[(setting name, module, weight, variant, seed)] of GRID entries, in order; weight 0 listed once."""
+    runs, seen = [], set()
+    for module, weights, variants, seeds in entries:
+        for seed in seeds:
+            for weight in weights:
+                for variant in variants:
+                    name = setting_name(module, weight, variant)
+                    if (name, seed) not in seen:
+                        seen.add((name, seed))
+                        runs.append((name, module, weight, variant, seed))
+    return runs
+
+
+def plateau_runs(size):
+    return [(f"plateau_SAF_w{w:g}", "SAF", w, "reference", seed) for seed in PLATEAU[size]["seeds"]
+            for w in PLATEAU[size]["weights"]]
+
+
+def paths(out_dir, name, seed):
+    """Where one run keeps its checkpoints, logs, similarity matrix and the two score files."""
+    run = f"{name}_seed{seed}"
+    return {"model": os.path.join(out_dir, "runs", run), "log": os.path.join(out_dir, "logs", run),
+            "sims": os.path.join(out_dir, "eval", run + ".npy"),
+            "evaluation": os.path.join(out_dir, "eval", run + ".json"),
+            "pmrp": os.path.join(out_dir, "eval", run + "_pmrp.json"),
+            "curve": os.path.join(out_dir, "eval", run + "_hinge.json")}
+
+
+def score(sims, evaluation_json, pmrp_json, data_path, ann_root, title):
+    """evaluation.py --sims and pmrp_evaluation.py --n_fold 0 of a saved matrix, unless already done."""
+    if not os.path.isfile(evaluation_json):
+        run_demo.run_script("evaluation.py", ["--sims", sims, "--data_path", data_path, "--data_name", run_demo.DATA_NAME,
+                                              "--split", "testall", "--json", evaluation_json], f"{title}: evaluate")
     if not os.path.isfile(pmrp_json):
-        training = {k: v for k, v in run_demo.TRAINING[size].items() if k != "daa_weight"}  # set by `options`
-        run_demo.run_script("train.py", run_demo.train_args(size, training, data_path, vocab_path, args.module_name,
-                                                            model_dir, log_dir, seed, options),
-                            f"{title}: train")
-        run_demo.run_script("evaluation.py", ["--model_path", os.path.join(model_dir, "model_best.pth.tar"),
-                                              "--data_path", data_path, "--vocab_path", vocab_path, "--split", "testall",
-                                              "--save_sims", sims, "--json", evaluation_json], f"{title}: evaluate")
         run_demo.run_script("pmrp_evaluation.py", ["--path1", sims, "--n_fold", 0, "--ann_root", ann_root,
                                                    "--dataset_root", os.path.join(data_path, run_demo.DATA_NAME),
                                                    "--json", pmrp_json], f"{title}: PMRP")
+
+
+def read_scores(evaluation_json, pmrp_json):
+    """{"i2t": {metric: value}, "t2i": {...}} from the two JSON files of one matrix."""
     scores, pmrp = fileio.read_json(evaluation_json, "evaluation JSON"), fileio.read_json(pmrp_json, "PMRP JSON")
-    return {d: {m: (pmrp if m == "pmrp" else scores)[d][m] for m in METRICS} for d in ("i2t", "t2i")}
+    return {d: {m: (pmrp if m == "pmrp" else scores)[d][m] for m in METRICS} for d in DIRECTIONS}
 
 
-def summarise(runs):
-    """Mean and sample std (ddof 1; 0 for one run) over runs of {"i2t": {metric}, "t2i": {metric}} dicts."""
+def finished(where, plateau):
+    """A run is done when its last output exists: the PMRP JSON, or for a plateau run its loss curve."""
+    return os.path.isfile(where["curve"] if plateau else where["pmrp"])
+
+
+def execute(job):
+    """Train and score one run (a worker's task): job = (out_dir, size, run, plateau, threads, title)."""
+    out_dir, size, (name, module, weight, variant, seed), plateau, threads, title = job
+    torch.set_num_threads(threads)
+    where = paths(out_dir, name, seed)
+    if finished(where, plateau):
+        return
+    data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
+    training = dict(run_demo.TRAINING[size], daa_weight=weight)
+    if plateau:
+        training.update(PLATEAU[size]["training"])
+    last = os.path.join(where["model"], f"checkpoint_{training['num_epochs'] - 1}.pth.tar")
+    if not os.path.isfile(last):
+        for folder in (where["model"], where["log"]):  # an interrupted run of this ablation starts again
+            shutil.rmtree(folder, ignore_errors=True)
+        run_demo.run_script("train.py", run_demo.train_args(size, training, data_path, vocab_path, module, where["model"],
+                                                            where["log"], seed, ["--daa_variant", variant]),
+                            f"{title}: train")
+    if plateau:
+        import plot_results
+
+        steps, values = plot_results.read_scalars(where["log"])["contrastive_loss"]
+        fileio.write_json({"steps": steps.tolist(), "contrastive_loss": values.tolist()}, where["curve"])
+        return
+    if not os.path.isfile(where["sims"]):
+        run_demo.run_script("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"),
+                                              "--data_path", data_path, "--vocab_path", vocab_path, "--split",
+                                              "testall", "--save_sims", where["sims"]], f"{title}: similarities")
+    score(where["sims"], where["evaluation"], where["pmrp"], data_path, ann_root, title)
+
+
+def worker(job):
+    run_demo.IN_PROCESS = True  # a worker process makes its runs in-process: no interpreter start-up per step
+    execute(job)
+
+
+def run_all(jobs, n_parallel):
+    """Make every run of `jobs`, one after the other, or n_parallel at a time in worker processes."""
+    if n_parallel == 1:
+        for job in jobs:
+            execute(job)
+        return
+    # a fresh process per run (maxtasksperchild=1): nothing one training leaves behind reaches the next
+    with multiprocessing.get_context("spawn").Pool(n_parallel, maxtasksperchild=1) as pool:
+        for _ in pool.imap_unordered(worker, jobs):
+            pass
+
+
+def summarise(values):
+    """Mean and sample std (ddof 1; 0 for one run) of run dicts {"i2t": {metric}, "t2i": {metric}}."""
     def stat(fn):
-        return {d: {m: float(fn(np.array([r[d][m] for r in runs]))) for m in METRICS} for d in ("i2t", "t2i")}
+        return {d: {m: float(fn(np.array([v[d][m] for v in values]))) for m in METRICS} for d in DIRECTIONS}
     return stat(np.mean), stat(lambda v: v.std(ddof=1) if len(v) > 1 else 0.0)
 
 
+def paired(on, off):
+    """Mean, std and 95 % t-interval of the per-seed differences on - off (lists of run dicts, same seeds)."""
+    differences = [{d: {m: a[d][m] - b[d][m] for m in METRICS} for d in DIRECTIONS} for a, b in zip(on, off)]
+    mean, std = summarise(differences)
+    n = len(differences)
+    if n < 2:  # no interval from one pair
+        return {"n": n, "mean": mean, "std": std, "ci95_low": None, "ci95_high": None}
+    half = {d: {m: float(scipy.stats.t.ppf(0.975, n - 1) * std[d][m] / np.sqrt(n)) for m in METRICS} for d in DIRECTIONS}
+    return {"n": n, "mean": mean, "std": std, "ci95_low": {d: {m: mean[d][m] - half[d][m] for m in METRICS} for d in DIRECTIONS},
+            "ci95_high": {d: {m: mean[d][m] + half[d][m] for m in METRICS} for d in DIRECTIONS}}
+
+
+def plateau_length(steps, values, batch_size, margin):
+    """Iterations until the hinge loss (values at steps) leaves the collapse (2 B m), or None if it never did."""
+    values = np.asarray(values)
+    below = values < PLATEAU_LEVEL * 2 * batch_size * margin
+    for k in range(len(values)):
+        if below[k:k + PLATEAU_STAY].all() and k + PLATEAU_STAY <= len(values):
+            return int(steps[k])
+    return None
+
+
+def tie_reward(data_path, batch=128, seed=0):
+    """DAA's surrogate on one training batch of relevance M: asp_soft of constant, random and perfect scores.
+
+    Its soft ranks take sigma(0) = 1/2 for a tie, i.e. average ranks, so a constant matrix scores above
+    random ones; the metric ASP gives ties no credit (both about 0.5).
+    """
+    import evaluation
+    from daa_loss import asp_soft
+
+    relevance, _ = evaluation.relevance_of_split(data_path, run_demo.DATA_NAME, "train")
+    captions = np.random.default_rng(seed).choice(relevance.n_captions, size=batch, replace=False)
+    M = torch.from_numpy(relevance.block(captions // 5, captions))
+    S = {"constant": torch.full_like(M, 0.5), "random": torch.rand(M.shape, generator=torch.Generator().manual_seed(seed)),
+         "relevance": M}
+    return {"batch": batch, "asp_soft": {name: float(asp_soft(s, M, variant="paper")) for name, s in S.items()},
+            "asp": {name: evaluation.asp(s.numpy(), M.numpy()) / 100 for name, s in S.items()}}
+
+
+def report_of(args, size, settings):
+    """The ablation report from the finished runs' files (a setting lists the seeds finished so far)."""
+    data_path = os.path.join(args.out_dir, "data")
+    references = {}
+    for name in run_demo.REFERENCES:
+        stem = os.path.join(args.out_dir, "eval", name.replace(" ", "_"))
+        references[name] = read_scores(stem + ".json", stem + "_pmrp.json")
+    groups, by_setting = [], {}
+    for name, module, weight, variant, seed in grid_runs(GRID[size]):
+        group = by_setting.get(name)
+        if group is None:
+            group = by_setting[name] = {"key": name, "module": module, "daa_weight": weight,
+                                        "variant": variant if weight else None, "runs": []}
+            groups.append(group)
+        where = paths(args.out_dir, name, seed)
+        if finished(where, plateau=False):
+            group["runs"].append(dict(read_scores(where["evaluation"], where["pmrp"]), seed=seed))
+    groups = [g for g in groups if g["runs"]]
+    oracle = references["content oracle"]
+    for group in groups:
+        group["mean"], group["std"] = summarise(group["runs"])
+        off = by_setting[setting_name(group["module"], 0, None)]
+        if group is not off:
+            off_by_seed = {r["seed"]: r for r in off["runs"]}
+            on = [r for r in group["runs"] if r["seed"] in off_by_seed]
+            group["paired_difference"] = paired(on, [off_by_seed[r["seed"]] for r in on])
+        # Share of the ASP headroom between the DAA-off model and the content oracle that the setting covers.
+        group["asp_headroom_covered"] = {d: 100 * (group["mean"][d]["asp"] - off["mean"][d]["asp"])
+                                         / (oracle[d]["asp"] - off["mean"][d]["asp"]) for d in DIRECTIONS}
+    training = dict(run_demo.TRAINING[size], **PLATEAU[size]["training"])
+    plateau = []
+    for weight in PLATEAU[size]["weights"]:
+        runs = []
+        for name, _, w, _, seed in plateau_runs(size):
+            where = paths(args.out_dir, name, seed)
+            if w == weight and finished(where, plateau=True):
+                curve = fileio.read_json(where["curve"], "hinge loss curve")
+                length = plateau_length(curve["steps"], curve["contrastive_loss"], training["batch_size"], 0.2)
+                runs.append({"seed": seed, "plateau_iterations": length})
+        plateau.append({"daa_weight": weight, "runs": runs})
+    n_images = run_demo.SIZES[size]["n_testall"]
+    return {"scope": f"synthetic COCO testall, all {n_images} images", "settings": settings, "references": references,
+            "groups": groups, "plateau": {"training": training, "level": PLATEAU_LEVEL, "stay": PLATEAU_STAY,
+                                          "weights": plateau},
+            "tie_reward": tie_reward(data_path)}
+
+
 def markdown(report):
-    """Mean ± std per setting, then each DAA setting minus DAA off (paired by seed)."""
-    cols = [f"{d} {HEADERS[m]}" if m == "r1" else HEADERS[m] for d in ("i2t", "t2i") for m in METRICS]
-    lines = ["| setting | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    rows = [(v["name"], v["mean"], v["std"]) for v in report["variants"]]
-    rows += [(f"{v['name']} − DAA off", v["paired_difference"]["mean"], v["paired_difference"]["std"])
-             for v in report["variants"] if "paired_difference" in v]
-    for name, mean, std in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{mean[d][m]:.2f} ± {std[d][m]:.2f}"
-                                                for d in ("i2t", "t2i") for m in METRICS) + " |")
+    """The yardsticks, mean ± std per setting, the paired differences with their 95 % intervals, the plateau."""
+    cols = [f"{d} {HEADERS[m]}" if m == "r1" else HEADERS[m] for d in DIRECTIONS for m in METRICS]
+    head = ["| setting | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["Mean ± sample std over seeds (n = seeds); yardsticks on the same split.", ""] + head
+    for name, scores in report["references"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{scores[d][m]:.2f}" for d in DIRECTIONS for m in METRICS) + " |")
+    for g in report["groups"]:
+        lines.append(f"| {label(g)} (n={len(g['runs'])}) | " + " | ".join(
+            f"{g['mean'][d][m]:.2f} ± {g['std'][d][m]:.2f}" for d in DIRECTIONS for m in METRICS) + " |")
+    lines += ["", "Difference from DAA off (weight 0), paired by seed: mean [95 % t-interval].", ""] + head
+    for g in report["groups"]:
+        if "paired_difference" in g:
+            p = g["paired_difference"]
+            lines.append(f"| {label(g)} − off (n={p['n']}) | " + " | ".join(
+                f"{p['mean'][d][m]:+.2f} " + (f"[{p['ci95_low'][d][m]:+.2f}, {p['ci95_high'][d][m]:+.2f}]"
+                                              if p["ci95_low"] else "[one pair]")
+                for d in DIRECTIONS for m in METRICS) + " |")
+    lines += ["", "Share of the ASP headroom (DAA off → content oracle) covered, i2t / t2i:", ""]
+    lines += [f"- {label(g)}: {g['asp_headroom_covered']['i2t']:.1f} % / {g['asp_headroom_covered']['t2i']:.1f} %"
+              for g in report["groups"] if g["daa_weight"]]
+    p = report["plateau"]
+    lines += ["", f"Collapse plateau without warm-up (SAF, lr {p['training']['learning_rate']}, batch "
+              f"{p['training']['batch_size']}): iterations until the hinge loss stays below {p['level']} × 2Bm "
+              f"(— = not within {p['training']['num_epochs']} epochs):", ""]
+    for w in p["weights"]:
+        lines.append(f"- DAA weight {w['daa_weight']:g}: " + ", ".join(
+            f"seed {r['seed']}: {'—' if r['plateau_iterations'] is None else r['plateau_iterations']}" for r in w["runs"]))
+    t = report["tie_reward"]
+    lines += ["", f"DAA's surrogate rewards ties (one training batch of {t['batch']}): asp_soft constant "
+              f"{t['asp_soft']['constant']:.3f}, random {t['asp_soft']['random']:.3f}, relevance "
+              f"{t['asp_soft']['relevance']:.3f}; the metric ASP: constant {t['asp']['constant']:.3f}, random "
+              f"{t['asp']['random']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
+def label(group):
+    if not group["daa_weight"]:
+        return f"{group['module']}, DAA off"
+    return f"{group['module']}, DAA {group['daa_weight']:g} {group['variant']}"
+
+
 def build_parser():
-    p = errors.ArgumentParser(description="DAA off / paper / reference over seeds on the synthetic data.")
+    p = errors.ArgumentParser(description="DAA weight x variant x seed on the synthetic data, plus the collapse "
+                                          "plateau; yardsticks from the content oracle.")
     p.add_argument("--out_dir", default="ablation_output", help="data, runs, evaluations and the report")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (>= 2 for a std)")
-    p.add_argument("--module_name", default="SAF", choices=["SGR", "SAF"],
-                   help="SAF by default: on a CPU it trains faster than SGR (86 s vs 117 s in the demo) "
-                        "and learns this data a little better")
-    p.add_argument("--daa_weight", type=float, default=run_demo.TRAINING["full"]["daa_weight"],
-                   help="weight of each DAA term in the DAA-on settings (default: the demo's)")
-    p.add_argument("--quick", action="store_true", help="run_demo's tiny sizes (for tests; the numbers mean nothing)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at a time, each in its own process with cores / jobs threads (default 1)")
+    p.add_argument("--quick", action="store_true", help="run_demo's tiny sizes and a small grid (for tests)")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: write the report from the runs finished so far (e.g. of a stopped ablation)")
     p.add_argument("--in_process", action="store_true",
-                   help="call each script's main() in this process instead of starting `python script.py`")
+                   help="with --jobs 1: call each script's main() in this process instead of `python script.py`")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        raise InputError(f"--seeds: repeated seed in {args.seeds}")
-    if args.daa_weight <= 0:
-        raise InputError(f"--daa_weight must be positive for the DAA-on settings (got {args.daa_weight})")
+    if args.jobs < 1:
+        raise InputError(f"--jobs must be at least 1 (got {args.jobs})")
     run_demo.IN_PROCESS = args.in_process
     size = "quick" if args.quick else "full"
     fileio.check_output(args.out_dir, folder=True)
+    plateau = dict(PLATEAU[size], weights=list(PLATEAU[size]["weights"]), seeds=list(PLATEAU[size]["seeds"]))
     settings = {"size": size, "sizes": run_demo.SIZES[size], "training": run_demo.TRAINING[size],
-                "module_name": args.module_name, "daa_weight": args.daa_weight}
+                "grid": [[m, list(w), list(v), list(s)] for m, w, v, s in GRID[size]], "plateau": plateau}
     settings_path = os.path.join(args.out_dir, "settings.json")
     if os.path.isfile(settings_path):
         if fileio.read_json(settings_path, "settings file") != settings:
@@ -109,34 +336,27 @@ def main(argv=None):
     else:
         fileio.write_json(settings, settings_path)
 
-    data_path, vocab_path, ann_root = (os.path.join(args.out_dir, d) for d in ("data", "vocab", "coco_ann"))
+    data_path = os.path.join(args.out_dir, "data")
     if not os.path.isfile(os.path.join(data_path, run_demo.DATA_NAME, "testall.h5")):  # np2h.py's last output
         run_demo.make_data(size, args.out_dir, lambda title: f"data: {title}")
-    total = len(VARIANTS) * len(args.seeds)
-    variants, results = [], {}
-    for k, (key, name, options) in enumerate(VARIANTS):
-        runs = []
-        for s, seed in enumerate(args.seeds):
-            title = f"[{k * len(args.seeds) + s + 1}/{total}] {name}, seed {seed}"
-            runs.append(run_one(args, size, key, options(args.daa_weight), seed, data_path, vocab_path, ann_root, title))
-        mean, std = summarise(runs)
-        variants.append({"key": key, "name": name, "train_options": [str(o) for o in options(args.daa_weight)],
-                         "runs": [dict(r, seed=seed) for r, seed in zip(runs, args.seeds)], "mean": mean, "std": std})
-        results[key] = runs
-    for variant in variants[1:]:  # paired by seed: same initial weights and batch order as the DAA-off run
-        differences = [{d: {m: on[d][m] - off[d][m] for m in METRICS} for d in ("i2t", "t2i")}
-                       for on, off in zip(results[variant["key"]], results["off"])]
-        mean, std = summarise(differences)
-        variant["paired_difference"] = {"mean": mean, "std": std}
+    for name, path in run_demo.save_reference_matrices(size, args.out_dir, data_path).items():
+        stem = path[:-len(".npy")]
+        score(path, stem + ".json", stem + "_pmrp.json", data_path, os.path.join(args.out_dir, "coco_ann"), name)
 
-    n_images = run_demo.SIZES[size]["n_testall"]
-    report = {"scope": f"synthetic COCO testall, all {n_images} images", "seeds": args.seeds, "settings": settings,
-              "variants": variants}
+    entries = GRID[size]
+    runs = ([(run, False) for run in grid_runs(entries[:PLATEAU_AFTER])] + [(run, True) for run in plateau_runs(size)]
+            + [(run, False) for run in grid_runs(entries[PLATEAU_AFTER:])])
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    jobs = [(args.out_dir, size, run, plateau, threads, f"[{k + 1}/{len(runs)}] {run[0]}, seed {run[4]}")
+            for k, (run, plateau) in enumerate(runs)]
+    if not args.report_only:
+        run_all(jobs, args.jobs)
+
+    report = report_of(args, size, settings)
     fileio.write_json(report, os.path.join(args.out_dir, "ablation.json"))
     table = markdown(report)
     fileio.write_text(table, os.path.join(args.out_dir, "ablation.md"))
-    print(f"\n{report['scope']}, {args.module_name}, DAA weight {args.daa_weight}, seeds {args.seeds} "
-          f"(mean ± sample std over seeds)\n{table}\nwritten: {os.path.join(args.out_dir, 'ablation.json')}, "
+    print(f"\n{report['scope']}\n{table}\nwritten: {os.path.join(args.out_dir, 'ablation.json')}, "
           f"{os.path.join(args.out_dir, 'ablation.md')}")
 
 

@@ -3,7 +3,8 @@
 Format: {'epoch', 'model': [img_enc, txt_enc, sim_enc state dicts], 'best_rsum', 'opt'
 (argparse.Namespace), 'Eiters'} plus extras of plain types only (optimizer state, RNG state, the
 vocabulary's word2idx), so that `torch.load(weights_only=True)` with argparse.Namespace allow-listed
-reads both our files and the released ones. Keys may carry DDP's `module.` prefix.
+reads both our files and the released ones. State-dict keys are written with DDP's `module.` prefix,
+as in the released files, and read with or without it.
 """
 import argparse
 import os
@@ -83,6 +84,12 @@ def check_vocab(ckpt, path, vocab, vocab_path):
 def strip_module_prefix(state_dict):
     """Drop DDP's leading 'module.' from every key."""
     return {key[len("module."):] if key.startswith("module.") else key: value for key, value in state_dict.items()}
+
+
+def add_module_prefix(state_dict):
+    """Every key with DDP's leading 'module.', as the original's checkpoints have them (code written for
+    the original loads them as they are)."""
+    return {"module." + key: value for key, value in state_dict.items()}
 
 
 def load_weights(model, state_dicts, path):

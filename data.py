@@ -11,7 +11,6 @@ loader workers by a picklable collate object.
 """
 import functools
 import os
-import zipfile
 
 import h5py
 import numpy as np
@@ -21,11 +20,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import fileio
 from daa_loss import SemanticRelevance
 from errors import InputError
+from layout import CAPTIONS_PER_IMAGE, DEV_MAX_CAPTIONS, REGIONS
 from vocab import encode_caption
 
-CAPTIONS_PER_IMAGE = 5
-REGIONS = 36
-DEV_MAX_CAPTIONS = 5000  # COCO dev is cut to its first 5,000 captions (1,000 images) for validation, as in SCAN
 
 
 def read_captions(data_path, data_name, split):
@@ -33,12 +30,25 @@ def read_captions(data_path, data_name, split):
     return fileio.read_lines(os.path.join(data_path, data_name, f"{split}_caps.txt"), "caption file")
 
 
+def used_captions(captions, split, max_captions=None):
+    """The captions a split is trained or scored on: the first `max_captions` if given, the dev split's
+    first DEV_MAX_CAPTIONS otherwise (validation uses them, as SCAN and the original do), else all."""
+    if max_captions is None and split == "dev":
+        max_captions = DEV_MAX_CAPTIONS
+    if max_captions is None:
+        return captions
+    if max_captions < CAPTIONS_PER_IMAGE or max_captions % CAPTIONS_PER_IMAGE:
+        raise InputError(f"max_captions must be a positive multiple of {CAPTIONS_PER_IMAGE} (got {max_captions})")
+    return captions[:max_captions]
+
+
 class FeatureStore:
     """Region features of one split: `store[i]` is image i's float32 (36, D) array.
 
     Opens `{split}.h5` if present, else `{split}_ims.npy` (memory-mapped), only when first read in a
     process; pickling drops the handle, so DataLoader workers each open their own.
-    Attributes: path, n_images, rows_per_image (1, or 5 for one row per caption), img_dim.
+    Attributes: path, n_images, rows_per_image (1, or 5 for one row per caption), n_regions, img_dim.
+    Whether they fit a model is for `check_features` to say.
     """
 
     def __init__(self, directory, split, n_captions):
@@ -54,7 +64,7 @@ class FeatureStore:
         array = self._open()
         shape = tuple(array.shape)
         self.close()  # the parent process only needed the shape
-        if len(shape) != 3 or shape[1] != REGIONS or shape[2] < 1:
+        if len(shape) != 3 or shape[1] < 1 or shape[2] < 1:
             raise InputError(f"{self.path}: expected region features of shape (n, {REGIONS}, D), found {shape}")
         n_rows = shape[0]
         captions_file = os.path.join(directory, f"{split}_caps.txt")
@@ -67,7 +77,7 @@ class FeatureStore:
                              f"{captions_file} (need {CAPTIONS_PER_IMAGE} captions per row, or one row per caption "
                              f"with {CAPTIONS_PER_IMAGE} captions per image)")
         self.n_images = n_rows // self.rows_per_image
-        self.img_dim = shape[2]
+        self.n_regions, self.img_dim = shape[1], shape[2]
 
     def _open(self):
         """The array-like in this process, (re)opened after a fork or unpickling."""
@@ -85,13 +95,7 @@ class FeatureStore:
                 raise InputError(f"{self.path}: HDF5 file has no dataset 'feat'")
             self._array = feat
         else:
-            try:
-                array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # np.load reads 'PK...' as .npz
-                raise InputError(f"{self.path}: not a .npy array file ({err})") from None
-            if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
-                raise InputError(f"{self.path}: not a numeric .npy array")
-            self._array = array
+            self._array = fileio.load_npy(self.path, "feature file")
         self._pid = os.getpid()
         return self._array
 
@@ -115,6 +119,15 @@ class FeatureStore:
         return np.array(self._open()[image_index * self.rows_per_image], dtype=np.float32)
 
 
+def check_features(features, img_dim, model_source):
+    """InputError unless `features` (a FeatureStore) fit a model: 36 regions (SGRAF's VisualSA has one
+    BatchNorm channel per region) of `img_dim` values each. `model_source` says where the model comes
+    from ("the model of CKPT", "a model with --img_dim 2048"), so that the message names both sides."""
+    if (features.n_regions, features.img_dim) != (REGIONS, img_dim):
+        raise InputError(f"{features.path}: {features.n_regions} regions of {features.img_dim} values per image, but "
+                         f"{model_source} needs {REGIONS} regions of {img_dim} values")
+
+
 class PrecompDataset(Dataset):
     """One item per caption j: (image (36, D) float tensor, caption (L,) long tensor, j, image index j // 5).
 
@@ -126,12 +139,7 @@ class PrecompDataset(Dataset):
         directory = os.path.join(data_path, data_name)
         captions = read_captions(data_path, data_name, split)
         self.features = FeatureStore(directory, split, len(captions))  # checks counts on the full files
-        if max_captions is None and split == "dev":
-            max_captions = DEV_MAX_CAPTIONS
-        if max_captions is not None:
-            if max_captions < CAPTIONS_PER_IMAGE or max_captions % CAPTIONS_PER_IMAGE:
-                raise InputError(f"max_captions must be a positive multiple of {CAPTIONS_PER_IMAGE} (got {max_captions})")
-            captions = captions[:max_captions]
+        captions = used_captions(captions, split, max_captions)
         self.split, self.vocab, self.captions = split, vocab, captions
         self.captions_path = os.path.join(directory, f"{split}_caps.txt")
         self.n_captions = len(captions)

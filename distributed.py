@@ -11,6 +11,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from errors import InputError
+
 
 def free_port():
     """An unused TCP port on the loopback interface for the process group's rendezvous."""
@@ -21,6 +23,15 @@ def free_port():
 
 def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_world_size(world_size, device_type):
+    """InputError when `world_size` processes on CUDA would need more GPUs than this machine has.
+
+    Under torchrun each process already has its GPU (LOCAL_RANK), so nothing is checked there.
+    """
+    if device_type == "cuda" and not launched_by_torchrun() and world_size > torch.cuda.device_count():
+        raise InputError(f"--world_size {world_size}: only {torch.cuda.device_count()} CUDA device(s) available")
 
 
 def init_group(rank, world_size, init_method, device_type, timeout_s=1800):

@@ -26,22 +26,26 @@ uses the fold's block of S and of M (M fit on the whole split).
 """
 import concurrent.futures
 import contextlib
-import datetime
 import json
 import os
-import subprocess
 import sys
-import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
+import data
 import distributed
 import errors
 import fileio
+import vocab as vocab_lib
+from daa_loss import SemanticRelevance
 from errors import InputError
+from layout import CAPTIONS_PER_IMAGE, fold_bounds
+from pmrp_com.eccv import eccv_scores
+from pmrp_com.pmrp import topk_rankings
 
 # Elements of one chunk of rows in the rank computations: 2^20 x (1-8 bytes) x about 15 temporaries.
 CHUNK_ELEMENTS = 1 << 20
@@ -183,135 +187,22 @@ def score_matrix(sims, sems=None):
     return out
 
 
-def fold_bounds(n_images, n_folds=5):
-    """[(first image, end image)] of the folds: images f n/5 .. (f+1) n/5 - 1."""
-    return [(f * n_images // n_folds, (f + 1) * n_images // n_folds) for f in range(n_folds)]
+def fold_blocks(matrix):
+    """The diagonal (n / 5, n) fold blocks of an (n_images, 5 n_images) matrix: each fold's images x captions."""
+    return [matrix[lo:hi, 5 * lo:5 * hi] for lo, hi in fold_bounds(matrix.shape[0])]
 
 
-def mean_scores(blocks):
-    """Fold mean of score_matrix dicts (asp stays None where it is None) plus the "folds" list."""
-    out = {}
-    for d in ("i2t", "t2i"):
-        out[d] = {key: (None if blocks[0][d][key] is None else float(np.mean([b[d][key] for b in blocks])))
-                  for key in blocks[0][d]}
-    out["rsum"] = float(np.mean([b["rsum"] for b in blocks]))
-    out["folds"] = blocks
-    return out
+def score_folds(blocks, sems_blocks=None):
+    """COCO 1K: score_matrix of each fold block, their mean at the top level, and the list under "folds".
 
-
-def score_folds(sims, sems=None, n_folds=5):
-    """COCO 1K: score_matrix of each diagonal fold block, their mean at the top level, and "folds"."""
-    blocks = []
-    for lo, hi in fold_bounds(sims.shape[0], n_folds):
-        block_sems = None if sems is None else sems[lo:hi, 5 * lo:5 * hi]
-        blocks.append(score_matrix(sims[lo:hi, 5 * lo:5 * hi], block_sems))
-    return mean_scores(blocks)
-
-
-def topk_rows(matrix, k):
-    """Top-k column indices of every row of `matrix` (n_q, n): int64 (n_q, min(k, n)).
-
-    Descending score, ties by lower index (what a stable sort of -score gives), without sorting rows:
-    the k-th largest value v comes from a partition; the items > v and the lowest-index items == v
-    make exactly k, which are then ordered among themselves.
+    blocks: the 5 fold blocks of S; sems_blocks: the same blocks of M (asp stays None without them).
     """
-    n_q, n = matrix.shape
-    k = min(k, n)
-    idx = np.empty((n_q, k), dtype=np.int64)
-    for rows in _chunks(n_q, n):
-        block = np.ascontiguousarray(matrix[rows])
-        kth = -np.partition(-block, k - 1, axis=1)[:, k - 1:k]  # (b, 1) k-th largest value
-        above = block > kth
-        tied = block == kth
-        room = k - above.sum(1, keepdims=True)  # slots left for the tied items, lowest index first
-        chosen = above | (tied & (np.cumsum(tied, axis=1) <= room))
-        cols = np.nonzero(chosen)[1].reshape(-1, k)  # row-major: each row's chosen columns, ascending
-        order = np.argsort(-np.take_along_axis(block, cols, axis=1), axis=1, kind="stable")
-        idx[rows] = np.take_along_axis(cols, order, axis=1)
-    return idx
-
-
-def topk_rankings(sims, k):
-    """Top-k of every query, both directions: (i2t_idx (n_img, k), i2t_scores, t2i_idx (n_cap, k), t2i_scores).
-
-    i2t: caption columns per image row; t2i: image rows per caption column; see topk_rows for the order.
-    """
-    i2t_idx, t2i_idx = topk_rows(sims, k), topk_rows(sims.T, k)
-    return (i2t_idx, np.take_along_axis(sims, i2t_idx, axis=1), t2i_idx, np.take_along_axis(sims.T, t2i_idx, axis=1))
-
-
-# ------------------------------------------------------------------------------------------------
-# Similarity matrices on disk
-
-
-def load_sims(paths, n_captions=None, captions_file=None):
-    """Load and average similarity matrices (.npy), checked: (n, 5n) float, finite, same shapes.
-
-    With n_captions, the shape must be (n_captions / 5, n_captions) (the split's size, from
-    `captions_file`). A transposed matrix, NaN/inf, a file that is not .npy -> InputError naming it.
-    Returns float32, or float64 if any input is float64.
-    """
-    total, shape = None, None
-    for path in paths:
-        if not os.path.isfile(path):
-            raise InputError(f"{path}: similarity matrix not found")
-        try:
-            mat = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # np.load reads 'PK...' as .npz
-            raise InputError(f"{path}: not a .npy array ({str(err)[:120]})") from None
-        if not isinstance(mat, np.ndarray) or mat.ndim != 2 or mat.dtype.kind not in "fiu":
-            raise InputError(f"{path}: expected a 2-D numeric (n_images, n_captions) array, got "
-                             f"{getattr(mat, 'shape', '?')} {getattr(mat, 'dtype', '?')}")
-        rows, cols = mat.shape
-        if n_captions is not None:
-            expected = (n_captions // 5, n_captions)
-            if (rows, cols) != expected:
-                hint = " (it looks transposed: rows must be images, columns captions)" \
-                    if (cols, rows) == expected else ""
-                raise InputError(f"{path}: shape {mat.shape} does not match {captions_file} "
-                                 f"({n_captions} captions -> expected {expected}){hint}")
-        elif cols != 5 * rows:
-            hint = " (it looks transposed: rows must be images, columns captions)" if rows == 5 * cols else ""
-            raise InputError(f"{path}: shape {mat.shape} is not (n_images, 5 n_images){hint}")
-        if shape is not None and mat.shape != shape:
-            raise InputError(f"{path}: shape {mat.shape} differs from {paths[0]}'s {shape}")
-        shape = mat.shape
-        mat = np.array(mat, dtype=np.float64 if mat.dtype == np.float64 else np.float32)
-        finite = np.isfinite(mat)
-        if not finite.all():
-            r, c = np.argwhere(~finite)[0]
-            raise InputError(f"{path}: {int((~finite).sum())} entries are NaN or inf (first at [{r}, {c}])")
-        total = mat if total is None else total + mat
-    return total if len(paths) == 1 else total / len(paths)
-
-
-def git_commit():
-    """The repository's HEAD commit, or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def json_safe(value):
-    """Options and paths as plain JSON types (anything else as its str)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def provenance(argv, **fields):
-    """The provenance block every JSON output carries."""
-    out = {key: json_safe(value) for key, value in fields.items()}
-    args = list(argv if argv is not None else sys.argv[1:])
-    out.update({"git_commit": git_commit(), "argv": sys.argv[:1] + args,
-                "date": datetime.datetime.now().isoformat(timespec="seconds")})
+    folds = [score_matrix(b, None if sems_blocks is None else m)
+             for b, m in zip(blocks, sems_blocks or [None] * len(blocks))]
+    out = {d: {key: (None if folds[0][d][key] is None else float(np.mean([f[d][key] for f in folds])))
+               for key in folds[0][d]} for d in ("i2t", "t2i")}
+    out["rsum"] = float(np.mean([f["rsum"] for f in folds]))
+    out["folds"] = folds
     return out
 
 
@@ -455,84 +346,6 @@ def validate(model, image_loader, caption_loader, relevance, device=None, shard_
 
 
 # ------------------------------------------------------------------------------------------------
-# ECCV Caption and CxC (naver-ai/eccv-caption) on COCO testall
-
-
-def _normalise_caption(text):
-    return " ".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
-
-
-def eccv_caption_ids(captions, image_ids, package_ids, ann_path):
-    """COCO caption id of every testall caption line.
-
-    Default: the eccv_caption package's own test-id list (its column order is COCO testall's). With
-    captions_val2014.json, each line is matched by text among its image's captions instead (a dozen
-    package ids name another caption of the same image). Returns (int64 (n_captions,), how).
-    """
-    if not os.path.isfile(ann_path):
-        return np.asarray(package_ids, dtype=np.int64), "eccv_caption test ids"
-    ann = fileio.read_json(ann_path, "COCO captions file")
-    if not isinstance(ann, dict) or not isinstance(ann.get("annotations"), list):
-        raise InputError(f"{ann_path}: has no 'annotations' list (not a COCO captions file)")
-    by_image = {}
-    for a in ann["annotations"]:
-        by_image.setdefault(a.get("image_id"), {})[_normalise_caption(str(a.get("caption", "")))] = a.get("id")
-    ids = np.asarray(package_ids, dtype=np.int64).copy()
-    unmatched = 0
-    for j, text in enumerate(captions):
-        found = by_image.get(int(image_ids[j // 5]), {}).get(_normalise_caption(text))
-        if found is None:
-            unmatched += 1  # keep the package's id for this line
-        else:
-            ids[j] = found
-    return ids, f"matched by text in {ann_path} ({unmatched} unmatched lines kept the package's ids)"
-
-
-def eccv_scores(sims, data_path, data_name, split, ann_root):
-    """ECCV Caption mAP@R / R-Precision / R@1 and CxC + COCO 5K R@1/5/10 (percent) of a testall matrix.
-
-    Rows -> COCO image ids from testall_ids.txt; columns -> caption ids (eccv_caption_ids). The
-    package's caption->image map must agree with testall_ids.txt on every column.
-    """
-    import warnings
-
-    import data
-    from pmrp_com.pmrp import read_image_ids
-    with warnings.catch_warnings():  # the package warns when ujson is missing; json is fine
-        warnings.simplefilter("ignore")
-        from eccv_caption import Metrics
-
-    ids_path = os.path.join(data_path, data_name, "testall_ids.txt")
-    image_ids = read_image_ids(ids_path, sims.shape[0])
-    metrics = Metrics()
-    if sims.shape[1] != len(metrics.coco_ids):
-        raise InputError(f"--eccv needs the COCO testall split ({len(metrics.coco_ids)} captions); "
-                         f"{split} has {sims.shape[1]}")
-    captions = data.read_captions(data_path, data_name, split)
-    caption_ids, how = eccv_caption_ids(captions, image_ids, metrics.coco_ids,
-                                        os.path.join(ann_root, "captions_val2014.json"))
-    c2i = metrics.coco_gts["t2i"]
-    package_images = np.array([c2i.get(int(c), [-1])[0] for c in caption_ids])
-    disagree = np.flatnonzero(package_images != np.repeat(image_ids, 5))
-    if len(disagree):
-        j = disagree[0]
-        raise InputError(f"{ids_path}: image ids disagree with the eccv_caption test split on {len(disagree)} "
-                         f"captions (line {j + 1}: {image_ids[j // 5]} vs {package_images[j]})")
-    # Every metric reads at most the top max(#positives, 10) items of a ranking.
-    k = max(10, max(len(v) for v in metrics.eccv_gts["i2t"].values()),
-            max(len(v) for v in metrics.eccv_gts["t2i"].values()))
-    i2t_idx, _, t2i_idx, _ = topk_rankings(sims, k)
-    i2t_items = {int(image_ids[i]): caption_ids[row].tolist() for i, row in enumerate(i2t_idx)}
-    t2i_items = {int(caption_ids[j]): image_ids[row].tolist() for j, row in enumerate(t2i_idx)}
-    scores = metrics.compute_all_metrics(
-        i2t_items, t2i_items, target_metrics=("eccv_map_at_r", "eccv_rprecision", "eccv_r1",
-                                              "cxc_recalls", "coco_5k_recalls"), Ks=(1, 5, 10), verbose=False)
-    out = {name: {d: 100.0 * float(v) for d, v in value.items()} for name, value in scores.items()}
-    out["caption_ids"] = how
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -584,14 +397,9 @@ def build_parser():
 
 def relevance_of_split(data_path, data_name, split):
     """SemanticRelevance of a split's captions (dev cut as data.py does) and the captions file's path."""
-    import data
-    from daa_loss import SemanticRelevance
-
-    captions = data.read_captions(data_path, data_name, split)
-    if split == "dev":
-        captions = captions[:data.DEV_MAX_CAPTIONS]
+    captions = data.used_captions(data.read_captions(data_path, data_name, split), split)
     path = os.path.join(data_path, data_name, f"{split}_caps.txt")
-    return SemanticRelevance(captions, data.CAPTIONS_PER_IMAGE, path), path
+    return SemanticRelevance(captions, CAPTIONS_PER_IMAGE, path), path
 
 
 def load_vocab(args, ckpt, opt, path):
@@ -599,9 +407,6 @@ def load_vocab(args, ckpt, opt, path):
 
     A vocabulary file must be the one checkpoint `path` was trained with (checkpoint.check_vocab).
     """
-    import checkpoint
-    import vocab as vocab_lib
-
     if args.vocab_path is None and isinstance(ckpt.get("vocab"), dict):
         return vocab_lib.vocab_from_word2idx(ckpt["vocab"], "the checkpoint's vocabulary")
     vocab_path = os.path.join(args.vocab_path or opt.vocab_path, f"{opt.data_name}_vocab.json")
@@ -615,9 +420,6 @@ def model_sims(args, path, whole):
 
     Returns (matrix or list of 5 blocks, the checkpoint's opt, data_path, the PrecompDataset).
     """
-    import checkpoint
-    import data
-
     ckpt = checkpoint.load_checkpoint(path)
     opt = ckpt["opt"]
     data_path = args.data_path or opt.data_path
@@ -625,6 +427,7 @@ def model_sims(args, path, whole):
     model = checkpoint.model_from_checkpoint(ckpt, path, len(vocab))
     image_loader, caption_loader, dataset = data.get_eval_loaders(
         data_path, opt.data_name, args.split, vocab, args.batch_size, args.workers)
+    data.check_features(dataset.features, opt.img_dim, f"the model of {path}")
     if distributed.rank_and_world()[0] == 0:
         print(f"{path}: {opt.module_name}, epoch {ckpt.get('epoch')}, {args.split}: "
               f"{dataset.n_images} images, {dataset.n_captions} captions")
@@ -648,13 +451,6 @@ def save_ranks(sims, k, path):
                                     "scores": [float(s) for s in sc[q]]}) + "\n")
 
 
-def save_matrix(sims, path):
-    """np.save atomically (a killed run never leaves a truncated .npy)."""
-    with fileio.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, sims)
-
-
 def evaluation_rank(rank, args, argv, init_method, device_type):
     """A process started by --world_size: score this rank's share of the matrix for rank 0, then leave.
 
@@ -672,8 +468,7 @@ def evaluation_rank(rank, args, argv, init_method, device_type):
 def evaluate_spawned(args, argv):
     """--world_size K: this process is rank 0 and starts ranks 1..K-1; rank 0 gathers and reports."""
     device_type = resolve_device(args.device).type
-    if device_type == "cuda" and args.world_size > torch.cuda.device_count():
-        raise InputError(f"--world_size {args.world_size}: only {torch.cuda.device_count()} CUDA device(s) available")
+    distributed.check_world_size(args.world_size, device_type)
     init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
     context = torch.multiprocessing.get_context("spawn")
     workers = [context.Process(target=evaluation_rank, args=(rank, args, argv, init_method, device_type),
@@ -734,7 +529,7 @@ def evaluate(args, argv):
         if not (args.data_path and args.data_name):
             raise InputError("--sims needs --data_path and --data_name (the split's captions give ASP)")
         relevance, caps_path = relevance_of_split(args.data_path, args.data_name, args.split)
-        sims = load_sims(args.sims, relevance.n_captions, caps_path)
+        sims = fileio.load_sims(args.sims, relevance.n_captions, caps_path)
         data_path, data_name, opts_used, blocks = args.data_path, args.data_name, None, None
     else:
         # --fold5 alone scores only the five diagonal blocks; the rest of the matrix is never needed.
@@ -758,7 +553,7 @@ def evaluate(args, argv):
             sims = None
             blocks = [sum(b) / len(b) for b in zip(*results)]
     if args.save_sims:
-        save_matrix(sims, args.save_sims)
+        fileio.save_npy(sims, args.save_sims)
         print(f"saved the {sims.shape} similarity matrix to {args.save_sims}")
     if args.save_ranks:
         save_ranks(sims, args.topk, args.save_ranks)
@@ -767,13 +562,9 @@ def evaluate(args, argv):
     report = {"split": args.split, "fold5": bool(args.fold5), "n_images": n_images,
               "n_captions": relevance.n_captions}
     if args.fold5:
-        bounds = fold_bounds(n_images)
-        if blocks is None:
-            blocks = [sims[lo:hi, 5 * lo:5 * hi] for lo, hi in bounds]
-        fold_scores = [score_matrix(b, relevance.block(np.arange(lo, hi), np.arange(5 * lo, 5 * hi)))
-                       for b, (lo, hi) in zip(blocks, bounds)]
-        report.update(mean_scores(fold_scores))
-        for f, s in enumerate(fold_scores):
+        sems_blocks = [relevance.block(np.arange(lo, hi), np.arange(5 * lo, 5 * hi)) for lo, hi in fold_bounds(n_images)]
+        report.update(score_folds(fold_blocks(sims) if blocks is None else blocks, sems_blocks))
+        for f, s in enumerate(report["folds"]):
             print(format_table(s, f"fold {f}"))
         print(format_table(report, f"{args.split}: mean of 5 folds (1K)"))
         if sims is not None:
@@ -786,7 +577,7 @@ def evaluate(args, argv):
         report["eccv"] = eccv_scores(sims, data_path, data_name, args.split, args.ann_root)
         print(json.dumps(report["eccv"], indent=2))
     if args.json:
-        report["provenance"] = provenance(
+        report["provenance"] = fileio.provenance(
             argv, checkpoint=model_paths or None, sims=args.sims or args.save_sims,
             opt=[vars(o) for o in opts_used] if opts_used else None, data_path=data_path, data_name=data_name)
         fileio.write_json(report, args.json)

@@ -5,9 +5,15 @@ truncated: everything is written under a temporary name in the same directory an
 (an atomic operation on POSIX file systems) only once it is complete.
 """
 import contextlib
+import datetime
 import json
 import os
 import secrets
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
 
 from errors import InputError
 
@@ -106,3 +112,96 @@ def read_lines(path, what="text file"):
         if not line.strip():
             raise InputError(f"{path}: line {number} is blank")
     return [line.rstrip("\r") for line in lines]
+
+
+# ------------------------------------------------------------------------------------------------
+# Arrays: region features and similarity matrices
+
+
+def load_npy(path, what):
+    """A numeric .npy array, memory-mapped (nothing is read until used); InputError naming `path` otherwise."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: {what} not found")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # np.load reads 'PK...' as .npz
+        raise InputError(f"{path}: not a .npy array file ({str(err)[:120]})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+        raise InputError(f"{path}: not a numeric .npy array (the {what} must hold numbers)")
+    return array
+
+
+def load_sims(paths, n_captions=None, captions_file=None):
+    """Load and average similarity matrices (.npy), checked: (n, 5n) float, finite, same shapes.
+
+    With n_captions, the shape must be (n_captions / 5, n_captions) (the split's size, from
+    `captions_file`). A transposed matrix, NaN/inf, a file that is not .npy -> InputError naming it.
+    Returns float32, or float64 if any input is float64.
+    """
+    total, shape = None, None
+    for path in paths:
+        mat = load_npy(path, "similarity matrix")
+        if mat.ndim != 2:
+            raise InputError(f"{path}: expected a 2-D (n_images, n_captions) array, got shape {mat.shape}")
+        rows, cols = mat.shape
+        if n_captions is not None:
+            expected = (n_captions // 5, n_captions)
+            if (rows, cols) != expected:
+                hint = " (it looks transposed: rows must be images, columns captions)" \
+                    if (cols, rows) == expected else ""
+                raise InputError(f"{path}: shape {mat.shape} does not match {captions_file} "
+                                 f"({n_captions} captions -> expected {expected}){hint}")
+        elif cols != 5 * rows:
+            hint = " (it looks transposed: rows must be images, columns captions)" if rows == 5 * cols else ""
+            raise InputError(f"{path}: shape {mat.shape} is not (n_images, 5 n_images){hint}")
+        if shape is not None and mat.shape != shape:
+            raise InputError(f"{path}: shape {mat.shape} differs from {paths[0]}'s {shape}")
+        shape = mat.shape
+        mat = np.array(mat, dtype=np.float64 if mat.dtype == np.float64 else np.float32)
+        finite = np.isfinite(mat)
+        if not finite.all():
+            r, c = np.argwhere(~finite)[0]
+            raise InputError(f"{path}: {int((~finite).sum())} entries are NaN or inf (first at [{r}, {c}])")
+        total = mat if total is None else total + mat
+    return total if len(paths) == 1 else total / len(paths)
+
+
+def save_npy(array, path):
+    """np.save atomically (a killed run never leaves a truncated .npy)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+# ------------------------------------------------------------------------------------------------
+# Provenance of every JSON result
+
+
+def git_commit():
+    """The repository's HEAD commit, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def json_safe(value):
+    """Options and paths as plain JSON types (anything else as its str)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def provenance(argv, **fields):
+    """The provenance block every JSON output carries."""
+    out = {key: json_safe(value) for key, value in fields.items()}
+    args = list(argv if argv is not None else sys.argv[1:])
+    out.update({"git_commit": git_commit(), "argv": sys.argv[:1] + args,
+                "date": datetime.datetime.now().isoformat(timespec="seconds")})
+    return out

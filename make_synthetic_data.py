@@ -28,10 +28,9 @@ from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
 import errors
 import fileio
 from errors import InputError
+from layout import CAPTIONS_PER_IMAGE, REGIONS
 from vocab import build_vocab, serialize_vocab
 
-REGIONS = 36
-CAPTIONS_PER_IMAGE = 5
 SPLITS = {"f30k_precomp": ("train", "dev", "test"), "coco_precomp": ("train", "dev", "test", "testall")}
 
 # The 80 COCO categories: (id, name, supercategory); ids run 1..90 with gaps, as in instances_*.json.
@@ -179,9 +178,7 @@ def write_split(directory, split, lines, feats, rows_per_caption):
     if rows_per_caption:
         feats = np.repeat(feats, CAPTIONS_PER_IMAGE, axis=0)
     fileio.write_text("\n".join(lines) + "\n", os.path.join(directory, f"{split}_caps.txt"))
-    with fileio.atomic_path(os.path.join(directory, f"{split}_ims.npy")) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, feats)
+    fileio.save_npy(feats, os.path.join(directory, f"{split}_ims.npy"))
 
 
 def content_oracle(opt, data_name="coco_precomp", split="testall", n_samples=100, seed=1):

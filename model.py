@@ -8,13 +8,14 @@ length, with the padded words masked so that a caption scores the same whatever 
 Shapes: n_i images of R = 36 regions, n_c captions of at most L words, d = embed_size, s = sim_dim.
 """
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from checkpoint import strip_module_prefix
+from layout import REGIONS
 
-NUM_REGIONS = 36
 DROPOUT = 0.4
 SMOOTH = 9.0  # lambda of the SCAN text-to-image attention
 # Transient memory budget of `EncoderSimilarity`: floats of one chunk's (n_i, words, d) context tensor
@@ -89,7 +90,7 @@ class EncoderText(nn.Module):
 class VisualSA(nn.Module):
     """Self-attention global image: regions (n, R, d) -> (n, d), l2-normalised."""
 
-    def __init__(self, embed_dim, dropout_rate=DROPOUT, num_region=NUM_REGIONS):
+    def __init__(self, embed_dim, dropout_rate=DROPOUT, num_region=REGIONS):
         super().__init__()
         self.embedding_local = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(num_region),
                                              nn.Tanh(), nn.Dropout(dropout_rate))
@@ -153,41 +154,96 @@ class GraphReasoning(nn.Module):
         return torch.relu(self.sim_graph_w(torch.matmul(edges, nodes)))
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """A tensor summed over the processes of `group`; its backward sums the gradients over them as well.
+
+    Every process's loss depends on the sum, so the gradient of one process's share is the sum of all
+    processes' gradients with respect to the sum: the terms SyncBatchNorm's backward all-reduces.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
 class AttentionFiltration(nn.Module):
-    """Gate-based filtration of the alignment nodes of each pair, BatchNorm1d(1) on the gate logits."""
+    """Gate-based filtration of the alignment nodes of each pair, BatchNorm1d(1) on the gate logits.
+
+    In training the original calls this BatchNorm once per caption: caption c's gate logits (all images
+    x its real nodes) are normalised with their own batch statistics, and the running statistics move
+    once per caption, in caption order. With K processes its SyncBatchNorm pools caption i's statistics
+    with the i-th caption of every other process's batch, and its backward pass sums the statistics'
+    gradients over the processes. `process_group` does the same here (train.py sets it for K processes;
+    None: this process alone). The BatchNorm module itself is never called, only its parameters and
+    buffers are used, so converting it to SyncBatchNorm changes nothing.
+    """
 
     def __init__(self, sim_dim):
         super().__init__()
         self.attn_sim_w = nn.Linear(sim_dim, 1)
         self.bn = nn.BatchNorm1d(1)
+        self.process_group = None
         init_weights(self)
 
-    def forward(self, nodes, node_mask):
-        """nodes (n_i, n_c, N, s), node_mask (n_c, N) -> (vectors (n_i, n_c, s), batch stats or None).
+    def uses_batch_stats(self):
+        return self.bn.training or self.bn.running_mean is None
 
-        In training the original normalises each caption's gate logits with that caption's own batch
-        statistics (over all images x its real nodes); the stats (mean, unbiased variance), each (n_c,),
-        are returned so the caller can update the running stats in caption order.
+    def gate_logits(self, nodes):
+        """nodes (n_i, n, N, s) -> gate logits (n_i, n, N), in >= fp32 (the statistics too, as autocast's BN)."""
+        logits = self.attn_sim_w(nodes).squeeze(-1)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def batch_statistics(self, logits, node_masks, positions):
+        """Each caption's mean and biased variance of its gate logits, pooled over `process_group`.
+
+        logits: per chunk of captions (n_i, n_k, N_k); node_masks: per chunk (n_k, N_k) bool, the real
+        nodes; positions: per chunk the captions' places in the batch (n_k,), together 0..n_c-1 ->
+        mean (n_c,), var (n_c,) in batch order, differentiable. Caption i is pooled with the i-th caption
+        of every process (all processes have batches of n_c captions). In training the running
+        statistics are updated as the original's n_c BatchNorm calls update them (unbiased variance of
+        the pooled count).
+        """
+        inverse = torch.argsort(torch.cat(positions))
+        reals = [mask.to(x.dtype) for x, mask in zip(logits, node_masks)]
+
+        def pooled(per_chunk):  # per-chunk sums (n_k, ...) -> (n_c, ...) in batch order, summed over processes
+            total = torch.cat(per_chunk)[inverse]
+            return total if self.process_group is None else _SumOverProcesses.apply(total, self.process_group)
+
+        count, total = pooled([torch.stack([x.size(0) * real.sum(1), (x * real).sum((0, 2))], 1)
+                               for x, real in zip(logits, reals)]).unbind(1)
+        mean = total / count
+        var = pooled([((x - mean[p][:, None]).pow(2) * real).sum((0, 2))
+                      for x, real, p in zip(logits, reals, positions)]) / count
+        if self.bn.training and self.bn.track_running_stats:
+            self.update_running_stats(mean.detach(), (var * count / (count - 1)).detach())
+        return mean, var
+
+    def forward(self, nodes, node_mask, logits=None, stats=None):
+        """nodes (n_i, n, N, s), node_mask (n, N) -> filtered vectors (n_i, n, s), l2-normalised.
+
+        `stats`: (mean, var), each (n,), these captions' batch statistics (from `batch_statistics`, with
+        the `logits` they were computed from); None: the running statistics.
         """
         bn = self.bn
-        logits = self.attn_sim_w(nodes).squeeze(-1)  # (n_i, n_c, N)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # statistics in >= fp32, as autocast's BN
-        real = node_mask.to(logits.dtype)
-        stats = None
-        if bn.training or bn.running_mean is None:
-            count = logits.size(0) * real.sum(1)  # (n_c,)
-            mean = (logits * real).sum((0, 2)) / count
-            var = ((logits - mean[:, None]).pow(2) * real).sum((0, 2)) / count
-            stats = (mean.detach(), (var * count / (count - 1)).detach())
-            mean, var = mean[:, None], var[:, None]
-        else:
-            mean, var = bn.running_mean, bn.running_var
+        if logits is None:
+            logits = self.gate_logits(nodes)
+        mean, var = (bn.running_mean, bn.running_var) if stats is None else (stats[0][:, None], stats[1][:, None])
         gates = (logits - mean) * torch.rsqrt(var + bn.eps)
         if bn.affine:
             gates = gates * bn.weight + bn.bias
-        gates = torch.sigmoid(gates) * real
+        gates = torch.sigmoid(gates) * node_mask.to(gates.dtype)
         vectors = torch.matmul(l1norm(gates, dim=-1).unsqueeze(-2), nodes).squeeze(-2)
-        return l2norm(vectors, dim=-1), (stats if bn.training and bn.track_running_stats else None)
+        return l2norm(vectors, dim=-1)
 
     @torch.no_grad()
     def update_running_stats(self, means, variances):
@@ -261,7 +317,7 @@ class EncoderSimilarity(nn.Module):
         super().__init__()
         self.module_name = module_name
         self.max_elements = MAX_ELEMENTS
-        self.v_global_w = VisualSA(embed_size, DROPOUT, NUM_REGIONS)
+        self.v_global_w = VisualSA(embed_size, DROPOUT, REGIONS)
         self.t_global_w = TextSA(embed_size, DROPOUT)
         self.sim_tranloc_w = nn.Linear(embed_size, sim_dim)
         self.sim_tranglo_w = nn.Linear(embed_size, sim_dim)
@@ -278,7 +334,9 @@ class EncoderSimilarity(nn.Module):
         """img_embs (n_i, R, d), cap_embs (n_c, L, d), lengths (n_c,) -> scores (n_i, n_c) in (0, 1).
 
         Captions are sorted by length and scored in chunks of at most `max_elements` // (n_i d) words,
-        so the transient (n_i, words, d) context stays bounded and chunks carry little padding.
+        so the transient (n_i, words, d) context stays bounded and chunks carry little padding. SAF in
+        training gates no caption before the gate statistics of every caption (of every process) are
+        known, so its chunks keep their alignment nodes until then (autograd keeps them anyway).
         """
         n_i, _, d = img_embs.shape
         n_c, L, _ = cap_embs.shape
@@ -292,27 +350,34 @@ class EncoderSimilarity(nn.Module):
 
         order = torch.argsort(lengths, descending=True, stable=True)
         sorted_lengths = lengths[order].tolist()
-        chunks, saf_stats, start = [], [], 0
+        saf_batch_stats = self.module_name == "SAF" and self.SAF_module.uses_batch_stats()
+        scores, pending, start = [], [], 0
         while start < n_c:
             width = sorted_lengths[start]  # the longest caption of the chunk
             stop = min(n_c, start + max(1, self.max_elements // max(1, n_i * width * d)))
             idx = order[start:stop].to(cap_embs.device)
-            scores, stats = self._chunk(img_embs, img_glo, cap_embs[idx, :width], mask[order[start:stop], :width]
-                                        .to(cap_embs.device), cap_glo[idx])
-            chunks.append(scores)
-            if stats is not None:
-                saf_stats.append(stats)
+            nodes, node_mask = self._nodes(img_embs, img_glo, cap_embs[idx, :width],
+                                           mask[order[start:stop], :width].to(cap_embs.device), cap_glo[idx])
+            if saf_batch_stats:
+                pending.append((idx, nodes, node_mask, self.SAF_module.gate_logits(nodes)))
+            elif self.module_name == "SGR":
+                for step, module in enumerate(self.SGR_module):
+                    nodes = module(nodes, node_mask, first_only=step == len(self.SGR_module) - 1)
+                scores.append(self._score(nodes[:, :, 0]))
+            else:
+                scores.append(self._score(self.SAF_module(nodes, node_mask)))
             start = stop
-        if saf_stats:  # the original updates SAF's BatchNorm once per caption, in caption order
-            inverse = torch.argsort(order).to(saf_stats[0][0].device)
-            self.SAF_module.update_running_stats(torch.cat([s[0] for s in saf_stats])[inverse],
-                                                 torch.cat([s[1] for s in saf_stats])[inverse])
-        if not chunks:
+        if pending:
+            positions, nodes, node_masks, logits = zip(*pending)
+            mean, var = self.SAF_module.batch_statistics(logits, node_masks, positions)
+            scores = [self._score(self.SAF_module(x, m, g, (mean[p], var[p]))) for p, x, m, g in pending]
+        if not scores:
             return img_embs.new_zeros(n_i, 0)
-        return torch.cat(chunks, 1)[:, torch.argsort(order).to(img_embs.device)]
+        return torch.cat(scores, 1)[:, torch.argsort(order).to(img_embs.device)]
 
-    def _chunk(self, img_embs, img_glo, words, mask, cap_glo):
-        """Scores (n_i, n) of n captions padded to one width: words (n, Lc, d) zero-padded, mask (n, Lc)."""
+    def _nodes(self, img_embs, img_glo, words, mask, cap_glo):
+        """Alignment nodes of n captions padded to one width: words (n, Lc, d) zero-padded, mask (n, Lc) ->
+        nodes (n_i, n, 1 + Lc, s) (node 0 the global alignment) and their mask (n, 1 + Lc)."""
         n_i, n_r, d = img_embs.shape
         n, width, _ = words.shape
         flat_words = words.reshape(n * width, d)
@@ -324,18 +389,17 @@ class EncoderSimilarity(nn.Module):
         sim_loc = l2norm(sim_loc, dim=-1)
         sim_glo = l2norm(self.sim_tranglo_w((img_glo.unsqueeze(1) - cap_glo.unsqueeze(0)).pow(2)), dim=-1)
         nodes = torch.cat([sim_glo.unsqueeze(2), sim_loc.view(n_i, n, width, -1)], 2)
-        node_mask = torch.cat([mask.new_ones(n, 1), mask], 1)  # (n, N): node 0 is the global alignment
-        stats = None
-        if self.module_name == "SGR":
-            for step, module in enumerate(self.SGR_module):
-                nodes = module(nodes, node_mask, first_only=step == len(self.SGR_module) - 1)
-            vectors = nodes[:, :, 0]
-        else:
-            vectors, stats = self.SAF_module(nodes, node_mask)
-        # The score head stays fp32 under autocast: bf16 logits (8 bits of mantissa) would tie many
-        # pairs that fp32 ranks apart, and R@K and ASP are computed from the ranks of these scores.
+        return nodes, torch.cat([mask.new_ones(n, 1), mask], 1)
+
+    def _score(self, vectors):
+        """(n_i, n, s) -> scores (n_i, n).
+
+        The score head stays in >= fp32 under autocast: bf16 logits (8 bits of mantissa) would tie many
+        pairs that fp32 ranks apart, and R@K and ASP are computed from the ranks of these scores.
+        """
         with torch.autocast(vectors.device.type, enabled=False):
-            return torch.sigmoid(self.sim_eval_w(vectors.float())).squeeze(-1), stats
+            vectors = vectors.to(torch.promote_types(vectors.dtype, torch.float32))
+            return torch.sigmoid(self.sim_eval_w(vectors)).squeeze(-1)
 
 
 class SimilarityModel(nn.Module):

@@ -23,8 +23,8 @@ from tqdm import tqdm
 import errors
 import fileio
 from errors import InputError
+from layout import REGIONS
 
-REGIONS = 36
 BLOCK_BYTES = 16 << 20  # bytes read per block (about 55 images of 36 x 2048 float32)
 
 

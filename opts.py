@@ -32,7 +32,9 @@ def build_parser():
     parser.add_argument("--no_max_violation", dest="max_violation", action="store_false",
                         help="sum the violations instead of taking the hardest negative")
     parser.add_argument("--local_rank", default=0, type=int, help="set by old launchers; torchrun uses LOCAL_RANK")
-    parser.add_argument("--world_size", default=1, type=int, help="number of processes (GPUs) to train on")
+    parser.add_argument("--world_size", default=1, type=int,
+                        help="number of processes (GPUs) to train on; SAF's gate BatchNorm pools each caption's "
+                             "statistics over the processes, as the original's SyncBatchNorm")
     # model
     parser.add_argument("--img_dim", default=2048, type=int, help="region feature dimension")
     parser.add_argument("--word_dim", default=300, type=int, help="word embedding dimension")
@@ -60,7 +62,9 @@ def build_parser():
     parser.add_argument("--resume", default="", help="continue training from this checkpoint (weights, optimizer, epoch)")
     parser.add_argument("--init_from", default="", help="start from this checkpoint's weights only (fine-tuning)")
     parser.add_argument("--accum_steps", default=1, type=int,
-                        help="accumulate this many batches per optimizer step (a K-GPU recipe on one GPU)")
+                        help="accumulate this many batches per optimizer step: a K-GPU recipe on one GPU, except "
+                             "that BatchNorm statistics (SAF's gate, VisualSA) come from each batch alone, where "
+                             "K GPUs pool them")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision")
     parser.add_argument("--val_images", default=0, type=int, help="validate on the first N dev images (0 = all)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],

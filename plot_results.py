@@ -6,8 +6,8 @@
 --logs: one or more train.py --logger_name folders (the legend uses each folder's name); writes
 {out_dir}/training_curves.png with the hinge (contrastive) loss, the two DAA terms, and the dev rsum
 and ASP that train.py logs after every epoch. --ablation: the JSON written by ablation.py; writes
-{out_dir}/ablation_daa.png with R@1, ASP and PMRP of every DAA setting (mean over seeds, error bars
-one standard deviation). The logs are read with TensorBoard's own EventAccumulator, so any run
+{out_dir}/ablation_daa.png with R@1, ASP and PMRP against the DAA weight for each model and variant
+(mean over seeds, error bars one standard deviation) and the content oracle's ASP. The logs are read with TensorBoard's own EventAccumulator, so any run
 TensorBoard shows can be plotted.
 """
 import os
@@ -81,25 +81,38 @@ def plot_training(runs, path):
 
 
 def plot_ablation(report, path):
-    """Three panels (R@1, ASP, PMRP), each with i2t and t2i groups of one bar per DAA setting."""
-    variants = report["variants"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    width = 0.8 / len(variants)
+    """Three panels (R@1, ASP, PMRP): mean ± std over seeds against the DAA weight, per model and variant.
+
+    One line per (model, variant) and direction (i2t solid, t2i dashed); weight 0 (DAA off) starts every
+    line of its model. The content oracle's ASP is drawn as a horizontal line: the headroom.
+    """
+    groups = report["groups"]
+    weights = sorted({g["daa_weight"] for g in groups})
+    x_of = {w: k for k, w in enumerate(weights)}  # even spacing: the weights span 0 to 25
+    lines = {}
+    for g in groups:
+        variants = [g["variant"]] if g["daa_weight"] else \
+            sorted({h["variant"] for h in groups if h["module"] == g["module"] and h["daa_weight"]})
+        for variant in variants:
+            lines.setdefault((g["module"], variant), []).append(g)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (metric, title) in zip(axes, (("r1", "R@1"), ("asp", "ASP"), ("pmrp", "PMRP"))):
-        for k, variant in enumerate(variants):
-            x = np.arange(2) + (k - (len(variants) - 1) / 2) * width
-            means = [variant["mean"][d][metric] for d in ("i2t", "t2i")]
-            stds = [variant["std"][d][metric] for d in ("i2t", "t2i")]
-            bars = ax.bar(x, means, width, yerr=stds, capsize=3, color=f"C{k}", label=variant["name"])
-            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
-        low = min(v["mean"][d][metric] - v["std"][d][metric] for v in variants for d in ("i2t", "t2i"))
-        high = max(v["mean"][d][metric] + v["std"][d][metric] for v in variants for d in ("i2t", "t2i"))
-        margin = max(1.0, 0.25 * (high - low))  # zoom on the differences, which are small next to the values
-        ax.set(xticks=[0, 1], xticklabels=["image-to-text", "text-to-image"], title=title,
-               ylim=(max(0.0, low - margin), high + margin))
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"DAA ablation: mean ± std over {len(report['seeds'])} seeds ({report['scope']})", fontsize=10)
+        for k, ((module, variant), members) in enumerate(sorted(lines.items())):
+            members = sorted(members, key=lambda g: g["daa_weight"])
+            x = [x_of[g["daa_weight"]] for g in members]
+            for d, style in (("i2t", "-"), ("t2i", "--")):
+                ax.errorbar(x, [g["mean"][d][metric] for g in members], yerr=[g["std"][d][metric] for g in members],
+                            color=f"C{k}", ls=style, marker="o", ms=4, capsize=3, label=f"{module} {variant} {d}")
+        if metric == "asp":
+            for d, style in (("i2t", "-"), ("t2i", "--")):
+                ax.axhline(report["references"]["content oracle"][d]["asp"], color="grey", ls=style, lw=1,
+                           label=f"content oracle {d}")
+        ax.set(xticks=range(len(weights)), xticklabels=[f"{w:g}" for w in weights], xlabel="DAA weight",
+               title=title)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    n_seeds = max(len(g["runs"]) for g in groups)
+    fig.suptitle(f"DAA ablation: mean ± std over up to {n_seeds} seeds ({report['scope']})", fontsize=10)
     fig.tight_layout()
     save(fig, path)
 
@@ -130,8 +143,8 @@ def main(argv=None):
         plot_training(runs, os.path.join(args.out_dir, "training_curves.png"))
     if args.ablation:
         report = fileio.read_json(args.ablation, "ablation JSON")
-        if not report.get("variants"):
-            raise InputError(f"{args.ablation}: no 'variants' (expected the JSON written by ablation.py)")
+        if not report.get("groups") or not report.get("references"):
+            raise InputError(f"{args.ablation}: no 'groups' and 'references' (expected the JSON written by ablation.py)")
         plot_ablation(report, os.path.join(args.out_dir, "ablation_daa.png"))
 
 

@@ -14,7 +14,6 @@ import sys
 
 import errors
 import fileio
-from evaluation import load_sims, provenance
 from pmrp_com.pmrp import instance_codes, pmrp_scores, read_image_ids
 
 
@@ -38,7 +37,7 @@ def main(argv=None):
     if args.json:
         fileio.check_output(args.json)
     paths = [args.path1] + ([args.path2] if args.path2 else [])
-    sims = load_sims(paths)
+    sims = fileio.load_sims(paths)
     ids_path = os.path.join(args.dataset_root, "testall_ids.txt")
     image_ids = read_image_ids(ids_path, sims.shape[0])
     codes = instance_codes(os.path.join(args.ann_root, "instances_val2014.json"), image_ids, ids_path)
@@ -51,7 +50,7 @@ def main(argv=None):
         thres = "  ".join(f"<={t}: {v:.2f}" for t, v in r["pmrp_thres"].items())
         print(f"{name} PMRP: {r['pmrp']:.2f}  PM-R@1: {r['pmr1']:.2f}  ({thres})")
     if args.json:
-        result["provenance"] = provenance(argv, sims=paths, dataset_root=args.dataset_root, ann_root=args.ann_root,
+        result["provenance"] = fileio.provenance(argv, sims=paths, dataset_root=args.dataset_root, ann_root=args.ann_root,
                                           max_thres=args.max_thres, images_without_instances=dropped)
         fileio.write_json(result, args.json)
     return result

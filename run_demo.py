@@ -11,6 +11,8 @@ what you see is what you would type on real data):
   5. evaluation.py           SGR, SAF and the SGRAF ensemble (--model_path + --model_path2) on testall:
                              1K (mean of 5 folds) and 5K (whole split), saving each similarity matrix
   6. pmrp_evaluation.py      PMRP of each matrix, 5 folds and whole split
+     (steps 5-6 also score four yardsticks with --sims: random and constant scores, the content oracle
+     that knows what each image holds, and the relevance M itself)
   7. plot_results.py         training curves from the TensorBoard logs
 and finally one table in the paper's shape: {out_dir}/results.md and results.json.
 
@@ -28,6 +30,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 import errors
 import fileio
@@ -53,7 +57,8 @@ TRAINING = {
 }
 DATA_NAME = "coco_precomp"
 MODELS = ("SAF", "SGR", "SGRAF")  # row order of the paper's tables
-N_STEPS = 3 + 2 + 3 * 3 + 1  # data, training, evaluation + 2 PMRP per model, plot
+REFERENCES = ("random scores", "constant scores", "content oracle", "relevance M")  # save_reference_matrices
+N_STEPS = 3 + 2 + 3 * (len(MODELS) + len(REFERENCES)) + 1  # data, training, evaluation + 2 PMRP per matrix, plot
 SUBDIRS = ("data", "vocab", "coco_ann", "runs", "logs", "eval")  # what a run writes (and removes first)
 MARKER = ".run_demo"  # in --out_dir: its SUBDIRS were written by run_demo.py and may be removed
 
@@ -89,17 +94,44 @@ def train_args(size, training, data_path, vocab_path, module_name, model_dir, lo
     return args + list(extra)
 
 
+def maker_args(size, out_dir):
+    """make_synthetic_data.py's arguments for the demo's synthetic COCO under out_dir."""
+    data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
+    sizes = [a for name, value in SIZES[size].items() for a in (f"--{name}", value)]
+    return ["--out_dir", data_path, "--vocab_dir", vocab_path, "--ann_dir", ann_root, "--datasets", DATA_NAME] + sizes
+
+
 def make_data(size, out_dir, step):
     """Steps 1-3: synthetic COCO, HDF5 features, vocabulary. Returns (data_path, vocab_path, ann_root)."""
     data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
-    sizes = [a for name, value in SIZES[size].items() for a in (f"--{name}", value)]
-    run_script("make_synthetic_data.py", ["--out_dir", data_path, "--vocab_dir", vocab_path, "--ann_dir", ann_root,
-                                          "--datasets", DATA_NAME] + sizes, step("synthetic COCO"))
+    run_script("make_synthetic_data.py", maker_args(size, out_dir), step("synthetic COCO"))
     run_script("np2h.py", ["--data_path", data_path, "--data_name", DATA_NAME], step("features to HDF5"))
     # The maker wrote a vocabulary already; vocab.py rebuilds it here exactly as for real captions.
     run_script("vocab.py", ["--data_path", data_path, "--data_name", DATA_NAME, "--vocab_path", vocab_path],
                step("vocabulary"))
     return data_path, vocab_path, ann_root
+
+
+def save_reference_matrices(size, out_dir, data_path):
+    """The yardsticks of the synthetic testall, saved as {out_dir}/eval/{name}.npy: {row name: path}.
+
+    random scores and a constant matrix (ASP about 50: no knowledge), the content oracle (the best an
+    image-only model can do: make_synthetic_data.content_oracle) and the relevance M itself (ASP 100).
+    """
+    import evaluation
+    import make_synthetic_data
+
+    relevance, _ = evaluation.relevance_of_split(data_path, DATA_NAME, "testall")
+    M = relevance.matrix()
+    maker_opt = make_synthetic_data.build_parser().parse_args([str(a) for a in maker_args(size, out_dir)])
+    matrices = {"random scores": np.random.default_rng(0).random(M.shape).astype(np.float32),
+                "constant scores": np.full(M.shape, 0.5, dtype=np.float32),
+                "content oracle": make_synthetic_data.content_oracle(maker_opt), "relevance M": M}
+    paths = {}
+    for name, matrix in matrices.items():
+        paths[name] = os.path.join(out_dir, "eval", name.replace(" ", "_") + ".npy")
+        fileio.save_npy(matrix, paths[name])
+    return paths
 
 
 def direction_row(evaluation, pmrp, direction):
@@ -173,6 +205,21 @@ def main(argv=None):
                                               "--ann_root", ann_root, "--json", where[key]],
                        step(f"PMRP of {model}, {'5 folds' if n_fold else 'whole split'}"))
         files[model] = names
+    # The yardsticks, scored by the same commands: where the models stand between no knowledge and
+    # everything an image can tell (content oracle) or the relevance itself.
+    for name, path in save_reference_matrices(size, out_dir, data_path).items():
+        names = {"sims": os.path.relpath(path, out_dir)}
+        names.update({key: os.path.join("eval", f"{os.path.basename(path)[:-4]}{suffix}") for key, suffix in
+                      (("evaluation", ".json"), ("pmrp_1k", "_pmrp_1k.json"), ("pmrp_5k", "_pmrp_5k.json"))})
+        where = {key: os.path.join(out_dir, value) for key, value in names.items()}
+        run_script("evaluation.py", ["--sims", path, "--data_path", data_path, "--data_name", DATA_NAME,
+                                     "--split", "testall", "--fold5", "--json", where["evaluation"]],
+                   step(f"evaluate the {name}: 1K and 5K"))
+        for key, n_fold in (("pmrp_1k", 5), ("pmrp_5k", 0)):
+            run_script("pmrp_evaluation.py", ["--path1", path, "--n_fold", n_fold, "--dataset_root", coco_root,
+                                              "--ann_root", ann_root, "--json", where[key]],
+                       step(f"PMRP of the {name}, {'5 folds' if n_fold else 'whole split'}"))
+        files[name] = names
     run_script("plot_results.py", ["--logs"] + [os.path.join(out_dir, "logs", m) for m in ("SGR", "SAF")]
                + ["--out_dir", out_dir], step("training curves"))
 
@@ -180,7 +227,7 @@ def main(argv=None):
     scopes = (("1K", f"COCO 1K: mean of 5 folds of {n_images // 5} images", "pmrp_1k", lambda e: e),
               ("5K", f"COCO 5K: all {n_images} images", "pmrp_5k", lambda e: e["all"]))
     for scope, label, pmrp_key, block in scopes:
-        for model in MODELS:
+        for model in MODELS + REFERENCES:
             evaluation = block(fileio.read_json(os.path.join(out_dir, files[model]["evaluation"]), "evaluation JSON"))
             pmrp = fileio.read_json(os.path.join(out_dir, files[model][pmrp_key]), "PMRP JSON")
             rows.append({"scope": scope, "data": label, "model": model,

@@ -22,9 +22,9 @@ from tqdm import tqdm
 import data
 import evaluation
 import opts
-from checkpoint import check_vocab, load_checkpoint, load_weights, save_checkpoint
+from checkpoint import add_module_prefix, check_vocab, load_checkpoint, load_weights, save_checkpoint
 from daa_loss import DAALoss
-from distributed import free_port, init_group, launched_by_torchrun, process_device
+from distributed import check_world_size, free_port, init_group, launched_by_torchrun, process_device
 from errors import InputError, run
 from fileio import check_output
 from model import SimilarityModel
@@ -55,8 +55,7 @@ def check_options(opt):
     if opt.device == "cuda":
         if not torch.cuda.is_available():
             raise InputError("--device cuda: no CUDA device is available")
-        if opt.world_size > torch.cuda.device_count() and "LOCAL_RANK" not in os.environ:
-            raise InputError(f"--world_size {opt.world_size}: only {torch.cuda.device_count()} CUDA device(s) available")
+        check_world_size(opt.world_size, opt.device)
     if opt.amp == "fp16" and opt.device != "cuda":
         raise InputError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
 
@@ -76,6 +75,22 @@ def load_start_checkpoint(opt, path):
 
 def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def distribute(model, device):
+    """A process's model for a K-process run (process group initialised), with the original's shared statistics.
+
+    SAF's gate BatchNorm pools caption i's statistics with the i-th caption of every process's batch, forward
+    and backward, as the original's SyncBatchNorm called once per caption does, on gloo and nccl alike. On
+    GPUs VisualSA's BatchNorms become SyncBatchNorm, as in the original; on CPUs PyTorch's SyncBatchNorm does
+    not run and they keep per-process statistics. (SAF's gate reads its BatchNorm's parameters without
+    calling it, so the conversion does not pool it a second time.)
+    """
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if model.sim_enc.module_name == "SAF":
+        model.sim_enc.SAF_module.process_group = dist.group.WORLD
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def set_learning_rate(opt, optimizer, epoch):
@@ -147,8 +162,8 @@ def checkpoint_state(opt, model, optimizer, scaler, vocab, epoch, best_rsum, ite
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"epoch": epoch, "model": unwrap(model).state_dicts(), "best_rsum": best_rsum,
-            "opt": opt, "Eiters": iterations, "optimizer": optimizer.state_dict(),
+    return {"epoch": epoch, "model": [add_module_prefix(state) for state in unwrap(model).state_dicts()],
+            "best_rsum": best_rsum, "opt": opt, "Eiters": iterations, "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng, "vocab": dict(vocab.word2idx)}
 
 
@@ -177,10 +192,8 @@ def train_process(rank, opt, init_method):
     if opt.resume or opt.init_from:
         ckpt = load_start_checkpoint(opt, opt.resume or opt.init_from)
         load_weights(model, ckpt["model"], opt.resume or opt.init_from)
-    if distributed and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = distribute(model, device)
     criterion = DAALoss(opt.margin, opt.max_violation, opt.daa_weight, opt.daa_temp, opt.daa_variant)
     optimizer = torch.optim.Adam(model.parameters(), lr=opt.learning_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=opt.amp == "fp16")
@@ -246,10 +259,8 @@ def train_process(rank, opt, init_method):
                     log.info("epoch %d [%d/%d] %s batch %.3fs data %.3fs", epoch, i + 1, len(train_loader),
                              " ".join(f"{k} {v:.4f}" for k, v in values.items()), batch_time, data_time)
             if iterations % opt.val_step == 0:
-                rsum = validate(opt, model, val_loaders, device, writer, iterations)
-                if rank == 0 and rsum > best_rsum:
-                    best_rsum = rsum
-                    save("model_best.pth.tar", epoch)  # mid-epoch: a resume from it redoes this epoch
+                # logged only, as in the original: model_best is chosen among the end-of-epoch validations
+                validate(opt, model, val_loaders, device, writer, iterations)
         # end of epoch: validate, then save checkpoint_{epoch} and, when best, model_best
         rsum = validate(opt, model, val_loaders, device, writer, iterations)
         if rank == 0:
@@ -293,10 +304,16 @@ def main(argv=None):
     if opt.batch_size > len(train_set):
         raise InputError(f"--batch_size {opt.batch_size} is larger than the {len(train_set)} training captions of "
                          f"{os.path.join(opt.data_path, opt.data_name)}")
-    data.PrecompDataset(opt.data_path, opt.data_name, "dev", vocab, 5 * opt.val_images if opt.val_images else None)
+    dev_set = data.PrecompDataset(opt.data_path, opt.data_name, "dev", vocab,
+                                  5 * opt.val_images if opt.val_images else None)
+    img_dim, model_source = opt.img_dim, f"a model with --img_dim {opt.img_dim}"
     if opt.resume or opt.init_from:
         start = opt.resume or opt.init_from
-        check_vocab(load_start_checkpoint(opt, start), start, vocab, vocab_file(opt))
+        ckpt = load_start_checkpoint(opt, start)
+        check_vocab(ckpt, start, vocab, vocab_file(opt))
+        img_dim, model_source = ckpt["opt"].img_dim, f"the model of {start}"
+    for dataset in (train_set, dev_set):
+        data.check_features(dataset.features, img_dim, model_source)
     for folder in (opt.model_name, opt.logger_name):
         check_output(folder, folder=True)
 

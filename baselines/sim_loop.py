@@ -42,8 +42,12 @@ def _scan_attention(words, regions):
     return l2norm(torch.bmm(attn, regions), dim=-1)
 
 
-def sim_one_caption_at_a_time(sim_enc, img_embs, cap_embs, lengths):
-    """img_embs (n_i, R, d), cap_embs (n_c, L, d), lengths (n_c,) -> scores (n_i, n_c), caption by caption."""
+def sim_one_caption_at_a_time(sim_enc, img_embs, cap_embs, lengths, gate_bn=None):
+    """img_embs (n_i, R, d), cap_embs (n_c, L, d), lengths (n_c,) -> scores (n_i, n_c), caption by caption.
+
+    gate_bn(i, logits (n_i, 1, N)) -> normalised logits: SAF's BatchNorm call for caption i; default the
+    module's own (one process). baselines/train_step.py passes the K-process SyncBatchNorm's.
+    """
     n_image = img_embs.size(0)
     img_glo = _self_attention(sim_enc.v_global_w, img_embs, img_embs.mean(1))
     columns = []
@@ -62,7 +66,8 @@ def sim_one_caption_at_a_time(sim_enc, img_embs, cap_embs, lengths):
             vectors = nodes[:, 0]
         else:
             saf = sim_enc.SAF_module
-            gates = l1norm(torch.sigmoid(saf.bn(saf.attn_sim_w(nodes).transpose(1, 2))), dim=-1)  # (n_i, 1, N)
+            logits = saf.attn_sim_w(nodes).transpose(1, 2)  # (n_i, 1, N)
+            gates = l1norm(torch.sigmoid(saf.bn(logits) if gate_bn is None else gate_bn(i, logits)), dim=-1)
             vectors = l2norm(torch.bmm(gates, nodes).squeeze(1), dim=-1)
         columns.append(torch.sigmoid(sim_enc.sim_eval_w(vectors)))
     return torch.cat(columns, 1)

@@ -8,10 +8,9 @@ R retrieved (descending score, ties by lower gallery index) / R, PM-R@1 = whethe
 plausible. i2t: query images, gallery captions; t2i: query captions, gallery images.
 
 PCME builds a dict of full rankings per query and walks it in Python for every threshold. Here chunks
-of query rows are handled at once: the R-th largest score of each row is read from a sorted copy of
-the values, and the plausible items among the top R are counted with comparisons against it (see
-_rprecision); no ranking is materialised. A query's own image is always in its gallery (distance 0),
-so R >= 1.
+of query rows are handled at once: each row is ranked only as far as its largest R (topk_rows, which
+evaluation.py's --save_ranks and --eccv use too), and the plausible items among the top R are counted
+along that ranking (see _rprecision). A query's own image is always in its gallery (distance 0), so R >= 1.
 """
 import contextlib
 import io
@@ -21,6 +20,7 @@ from pycocotools.coco import COCO
 
 from errors import InputError
 from fileio import read_json, read_lines
+from layout import fold_bounds
 
 N_CATEGORIES = 90
 # Elements of one chunk of query rows: 2^22 x (scores and sorted copy, 2-byte distances, masks) ~ 80 MB.
@@ -97,6 +97,41 @@ def plausibility_distances(codes):
     return dist
 
 
+def topk_rows(matrix, k):
+    """Top-k column indices of every row of `matrix` (n_q, n): int64 (n_q, min(k, n)).
+
+    Descending score, ties by lower index (what a stable sort of -score gives: PCME's ranking), without
+    sorting rows: the k-th largest value v comes from a partition; the items > v and the lowest-index
+    items == v make exactly k, which are then ordered among themselves.
+    """
+    n_q, n = matrix.shape
+    k = min(k, n)
+    idx = np.empty((n_q, k), dtype=np.int64)
+    step = max(1, CHUNK_ELEMENTS // max(1, n))
+    for start in range(0, n_q, step):
+        rows = slice(start, min(start + step, n_q))
+        block = np.ascontiguousarray(matrix[rows])
+        kth = -np.partition(-block, k - 1, axis=1)[:, k - 1:k]  # (b, 1) k-th largest value
+        above = block > kth
+        tied = block == kth
+        room = k - above.sum(1, keepdims=True)  # slots left for the tied items, lowest index first
+        chosen = above | (tied & (np.cumsum(tied, axis=1) <= room))
+        cols = np.nonzero(chosen)[1].reshape(-1, k)  # row-major: each row's chosen columns, ascending
+        order = np.argsort(-np.take_along_axis(block, cols, axis=1), axis=1, kind="stable")
+        idx[rows] = np.take_along_axis(cols, order, axis=1)
+    return idx
+
+
+def topk_rankings(sims, k):
+    """Top-k of every query, both directions: (i2t_idx (n_img, k), i2t_scores, t2i_idx (n_cap, k), t2i_scores).
+
+    i2t: caption columns per image row; t2i: image rows per caption column; descending score, ties by
+    lower index (topk_rows).
+    """
+    i2t_idx, t2i_idx = topk_rows(sims, k), topk_rows(sims.T, k)
+    return (i2t_idx, np.take_along_axis(sims, i2t_idx, axis=1), t2i_idx, np.take_along_axis(sims.T, t2i_idx, axis=1))
+
+
 def _rprecision(scores, queries, query_image, gallery_image, dist, max_thres):
     """R-precision and R@1 of the query rows `queries` of `scores` (n, n_g) at thresholds 0..max_thres-1.
 
@@ -105,10 +140,9 @@ def _rprecision(scores, queries, query_image, gallery_image, dist, max_thres):
     no threshold reaches, and their scores are set to -inf so that they never enter a top R (inputs
     are finite). `scores` may be a transposed view. Returns two float64 (max_thres, len(queries)).
 
-    No argsort: with R plausible items, the top R are the items scoring above v, the R-th largest
-    score, plus the lowest-index items scoring exactly v that fill the remaining slots (a stable sort
-    of -score would put them there). v comes from a partition and a sort of the largest values only;
-    the top item is the first maximum (np.argmax). This is PCME's ranking, ties by lower gallery index.
+    Each chunk of queries is ranked once, to the largest R of the chunk (that of the last threshold,
+    whose plausible set holds the others'), by topk_rows; a cumulative count of the plausible items
+    along that ranking gives the hits among the top R for every threshold.
     """
     n_q, n_g = len(queries), scores.shape[1]
     left_out = gallery_image < 0
@@ -120,27 +154,15 @@ def _rprecision(scores, queries, query_image, gallery_image, dist, max_thres):
         block = np.array(scores[queries[rows]], dtype=scores.dtype, order="C")  # (b, n_g) copy
         block[:, left_out] = -np.inf
         picks = np.arange(block.shape[0])
-        top = np.argmax(block, axis=1)  # first maximum = rank 1 under ties by lower index
         dists = dist[query_image[rows, None], gallery_image[None, :]]  # (b, n_g)
-        # The R-th largest score for every R up to the chunk's largest R (that of the last threshold):
-        # partition off the top K values and sort only those (a full sort when K is large).
         K = int(np.count_nonzero(dists <= max_thres - 1, axis=1).max())
-        largest = np.partition(block, n_g - K, axis=1)[:, n_g - K:] if K < n_g // 2 else block
-        largest = np.sort(largest, axis=1)  # ascending; the R-th largest is at [-R]
+        ranking = topk_rows(block, K)  # (b, K)
+        ranked_dists = np.take_along_axis(dists, ranking, axis=1)
         for t in range(max_thres):
-            plausible = dists <= t
-            R = np.count_nonzero(plausible, axis=1)
-            v = largest[picks, largest.shape[1] - R][:, None]  # the R-th largest score of each row
-            at_least = block >= v  # the top R, plus any items tied with the R-th beyond it
-            hits = np.count_nonzero(at_least & plausible, axis=1)
-            straddle = np.flatnonzero(np.count_nonzero(at_least, axis=1) > R)
-            if len(straddle):  # ties cut by the R-th place: the lowest-index tied items stay in
-                tied = block[straddle] == v[straddle]
-                slots = R[straddle] - np.count_nonzero(block[straddle] > v[straddle], axis=1)
-                dropped = tied & (np.cumsum(tied, axis=1) > slots[:, None])
-                hits[straddle] -= np.count_nonzero(dropped & plausible[straddle], axis=1)
+            R = np.count_nonzero(dists <= t, axis=1)
+            hits = np.cumsum(ranked_dists <= t, axis=1)[picks, R - 1]
             rp[t, rows] = hits / R
-            r1[t, rows] = plausible[picks, top]
+            r1[t, rows] = ranked_dists[:, 0] <= t
     return rp, r1
 
 
@@ -185,7 +207,7 @@ def pmrp_scores(sims, codes, n_fold=5, max_thres=3):
         raise InputError(f"--n_fold must be 5 or 0, got {n_fold}")
     if not codes[:n].any():
         raise InputError("no image of the split has an instance annotation")
-    bounds = [(f * n // 5, (f + 1) * n // 5) for f in range(5)] if n_fold else [(0, n)]
+    bounds = fold_bounds(n) if n_fold else [(0, n)]
     results = []
     for lo, hi in bounds:
         if not codes[lo:hi].any():

@@ -343,7 +343,7 @@ def build_dataset(argv):
 
 
 @pytest.mark.parametrize("case,culprit", [
-    ("count", "test_ims.npy"), ("shape2d", "test_ims.npy"), ("regions", "test_ims.npy"),
+    ("count", "test_ims.npy"), ("shape2d", "test_ims.npy"),
     ("h5_without_feat", "test.h5"), ("h5_not_hdf5", "test.h5"), ("not_array", "test_ims.npy"),
     ("npz", "test_ims.npy"), ("non_utf8", "test_caps.txt"), ("empty", "test_caps.txt"),
     ("blank_line", "test_caps.txt"), ("no_captions", "test_caps.txt"), ("no_features", "test_ims.npy"),
@@ -355,8 +355,6 @@ def test_loader_bad_input(synth, tmp_path, capsys, case, culprit):
         np.save(ims, np.load(ims)[:39])
     elif case == "shape2d":
         np.save(ims, np.zeros((40, 36), np.float32))
-    elif case == "regions":
-        np.save(ims, np.zeros((40, 10, 4), np.float32))
     elif case == "h5_without_feat":
         with h5py.File(folder / "test.h5", "w") as f:
             f["features"] = np.zeros((40, 36, 4), np.float32)

@@ -28,7 +28,8 @@ def test_table_has_every_row_with_numbers_in_range(demo):
     with open(os.path.join(demo, "results.json"), encoding="utf-8") as f:
         results = json.load(f)
     assert [(r["scope"], r["model"]) for r in results["rows"]] == [
-        (scope, model) for scope in ("1K", "5K") for model in ("SAF", "SGR", "SGRAF")]
+        (scope, model) for scope in ("1K", "5K") for model in
+        ("SAF", "SGR", "SGRAF", "random scores", "constant scores", "content oracle", "relevance M")]
     for row in results["rows"]:
         for d in ("i2t", "t2i"):
             values = row[d]
@@ -37,7 +38,16 @@ def test_table_has_every_row_with_numbers_in_range(demo):
     with open(os.path.join(demo, "results.md"), encoding="utf-8") as f:
         lines = f.read().splitlines()
     rows = [line for line in lines if line.startswith("| COCO")]
-    assert len(rows) == 6 and all(line.count("|") == 13 for line in rows)
+    assert len(rows) == 14 and all(line.count("|") == 13 for line in rows)
+    by_row = {(r["scope"], r["model"]): r for r in results["rows"]}
+    n_images = results["sizes"]["n_testall"]
+    for scope, images in (("1K", n_images // 5), ("5K", n_images)):
+        for d, gallery in (("i2t", 5 * images), ("t2i", images)):
+            # constant scores rank every item last (n); average relevance rank (n + 1) / 2: ASP (n + 1) / 2n,
+            # about 50 on real sizes; the relevance itself scores 100 (less the few ties within M)
+            assert by_row[(scope, "constant scores")][d]["asp"] == pytest.approx(50 * (gallery + 1) / gallery, abs=1)
+            assert by_row[(scope, "relevance M")][d]["asp"] > 99
+            assert by_row[(scope, "content oracle")][d]["asp"] > by_row[(scope, "random scores")][d]["asp"]
     with open(os.path.join(demo, "training_curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -50,7 +60,8 @@ def test_table_equals_a_recomputation_from_the_saved_matrices(demo):
     coco_root = os.path.join(data_path, run_demo.DATA_NAME)
     relevance, _ = evaluation.relevance_of_split(data_path, run_demo.DATA_NAME, "testall")
     sems = relevance.matrix()
-    sims = {m: np.load(os.path.join(demo, results["files"][m]["sims"])) for m in run_demo.MODELS}
+    sims = {m: np.load(os.path.join(demo, results["files"][m]["sims"])) for m in run_demo.MODELS + run_demo.REFERENCES}
+    np.testing.assert_array_equal(sims["relevance M"], sems)
     # SGRAF is the mean of the SGR and SAF matrices (computed by evaluation.py from the two checkpoints).
     np.testing.assert_allclose(sims["SGRAF"], (sims["SGR"] + sims["SAF"]) / 2, atol=1e-6)
     codes = instance_codes(os.path.join(demo, "coco_ann", "instances_val2014.json"),
@@ -58,7 +69,7 @@ def test_table_equals_a_recomputation_from_the_saved_matrices(demo):
     for row in results["rows"]:
         matrix = sims[row["model"]]
         if row["scope"] == "1K":
-            scores, pmrp = evaluation.score_folds(matrix, sems), pmrp_scores(matrix, codes, n_fold=5)
+            scores, pmrp = evaluation.score_folds(evaluation.fold_blocks(matrix), evaluation.fold_blocks(sems)), pmrp_scores(matrix, codes, n_fold=5)
         else:
             scores, pmrp = evaluation.score_matrix(matrix, sems), pmrp_scores(matrix, codes, n_fold=0)
         for d in ("i2t", "t2i"):
@@ -75,8 +86,9 @@ def test_a_failing_step_stops_the_demo_with_one_line(tmp_path):
 def test_ablation_chart_and_bad_input(tmp_path, capsys):
     directions = {d: {"r1": 20.0, "r5": 50.0, "r10": 70.0, "asp": 55.0, "pmrp": 30.0} for d in ("i2t", "t2i")}
     spread = {d: {k: 1.0 for k in directions[d]} for d in directions}
-    report = {"scope": "test", "seeds": [0, 1, 2],
-              "variants": [{"name": name, "mean": directions, "std": spread} for name in ("off", "paper", "reference")]}
+    groups = [{"module": "SAF", "daa_weight": w, "variant": v, "mean": directions, "std": spread, "runs": [{}, {}]}
+              for w, v in ((0, None), (25, "reference"), (25, "paper"))]
+    report = {"scope": "test", "groups": groups, "references": {"content oracle": directions}}
     path = tmp_path / "ablation.json"
     path.write_text(json.dumps(report), encoding="utf-8")
     assert errors.run(plot_results.main, ["--ablation", str(path), "--out_dir", str(tmp_path)]) == 0
@@ -99,17 +111,19 @@ def test_demo_never_removes_folders_it_did_not_write(tmp_path, capsys, monkeypat
 
 @pytest.mark.slow
 def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, capsys):
-    """ablation.py --quick over two seeds: the right options per run, every number recomputed from the
-    run's saved matrix, mean/std/paired differences recomputed from the runs; a re-run trains nothing."""
+    """ablation.py --quick: the right options per run, every number recomputed from the run's saved matrix,
+    mean/std/paired differences and their 95 % intervals recomputed from the runs; a re-run trains nothing."""
+    import scipy.stats
+
     import ablation
     import checkpoint
 
     out_dir = tmp_path / "ablation"
-    argv = ["--quick", "--in_process", "--seeds", "0", "1", "--out_dir", str(out_dir)]
+    argv = ["--quick", "--in_process", "--out_dir", str(out_dir)]
     assert errors.run(ablation.main, argv) == 0
     run_demo.IN_PROCESS = False
     report = json.loads((out_dir / "ablation.json").read_text(encoding="utf-8"))
-    assert [v["key"] for v in report["variants"]] == ["off", "paper", "reference"]
+    assert [g["key"] for g in report["groups"]] == ["SAF_w0", "SAF_w25_reference", "SAF_w25_paper"]
 
     data_path = str(out_dir / "data")
     coco_root = os.path.join(data_path, run_demo.DATA_NAME)
@@ -117,32 +131,56 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     sems = relevance.matrix()
     codes = instance_codes(str(out_dir / "coco_ann" / "instances_val2014.json"),
                            read_image_ids(os.path.join(coco_root, "testall_ids.txt"), sems.shape[0]))
-    expected_options = {"off": (0.0, "paper"), "paper": (1.0, "paper"), "reference": (1.0, "reference")}
-    for variant in report["variants"]:
-        for run in variant["runs"]:
-            name = f"{variant['key']}_seed{run['seed']}"
+
+    def recomputed(sims):
+        scores, pmrp = evaluation.score_matrix(sims, sems), pmrp_scores(sims, codes, n_fold=0)
+        return {d: dict({k: scores[d][k] for k in ("r1", "r5", "r10", "asp")}, pmrp=pmrp[d]["pmrp"])
+                for d in ("i2t", "t2i")}
+
+    for name, scores in report["references"].items():
+        expected = recomputed(np.load(out_dir / "eval" / (name.replace(" ", "_") + ".npy")))
+        for d in ("i2t", "t2i"):
+            assert scores[d] == pytest.approx(expected[d], abs=1e-9), (name, d)
+    off = report["groups"][0]
+    for group in report["groups"]:
+        for run in group["runs"]:
+            name = f"{group['key']}_seed{run['seed']}"
             opt = checkpoint.load_checkpoint(str(out_dir / "runs" / name / "model_best.pth.tar"))["opt"]
-            assert (opt.daa_weight, opt.daa_variant, opt.seed) == expected_options[variant["key"]] + (run["seed"],)
-            sims = np.load(out_dir / "eval" / f"{name}.npy")
-            scores, pmrp = evaluation.score_matrix(sims, sems), pmrp_scores(sims, codes, n_fold=0)
+            assert (opt.module_name, opt.daa_weight, opt.seed) == (group["module"], group["daa_weight"], run["seed"])
+            if group["daa_weight"]:
+                assert opt.daa_variant == group["variant"]
+            expected = recomputed(np.load(out_dir / "eval" / f"{name}.npy"))
             for d in ("i2t", "t2i"):
-                expected = {k: scores[d][k] for k in ("r1", "r5", "r10", "asp")}
-                expected["pmrp"] = pmrp[d]["pmrp"]
-                assert run[d] == pytest.approx(expected, abs=1e-9), (name, d)
+                assert run[d] == pytest.approx(expected[d], abs=1e-9), (name, d)
         for d in ("i2t", "t2i"):
             for k in KEYS:
-                values = np.array([run[d][k] for run in variant["runs"]])
-                assert variant["mean"][d][k] == pytest.approx(values.mean(), abs=1e-9)
-                assert variant["std"][d][k] == pytest.approx(values.std(ddof=1), abs=1e-9)
-                if variant["key"] != "off":
-                    off = np.array([run[d][k] for run in report["variants"][0]["runs"]])
-                    assert variant["paired_difference"]["mean"][d][k] == pytest.approx((values - off).mean(), abs=1e-9)
-    table = (out_dir / "ablation.md").read_text(encoding="utf-8").splitlines()
-    assert [line.split(" | ")[0] for line in table[2:]] == [
-        "| DAA off", "| DAA paper", "| DAA reference", "| DAA paper − DAA off", "| DAA reference − DAA off"]
+                values = np.array([run[d][k] for run in group["runs"]])
+                assert group["mean"][d][k] == pytest.approx(values.mean(), abs=1e-9)
+                assert group["std"][d][k] == pytest.approx(values.std(ddof=1), abs=1e-9)
+                if group is not off:
+                    diff = values - np.array([run[d][k] for run in off["runs"]])
+                    half = scipy.stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+                    paired = group["paired_difference"]
+                    assert paired["mean"][d][k] == pytest.approx(diff.mean(), abs=1e-9)
+                    assert paired["ci95_low"][d][k] == pytest.approx(diff.mean() - half, abs=1e-9)
+                    assert paired["ci95_high"][d][k] == pytest.approx(diff.mean() + half, abs=1e-9)
+            oracle = report["references"]["content oracle"][d]["asp"]
+            assert group["asp_headroom_covered"][d] == pytest.approx(
+                100 * (group["mean"][d]["asp"] - off["mean"][d]["asp"]) / (oracle - off["mean"][d]["asp"]))
+    # The plateau runs were trained without warm-up at the stated settings, one per weight and seed.
+    for entry in report["plateau"]["weights"]:
+        for run in entry["runs"]:
+            opt = checkpoint.load_checkpoint(
+                str(out_dir / "runs" / f"plateau_SAF_w{entry['daa_weight']:g}_seed{run['seed']}" / "model_best.pth.tar"))["opt"]
+            assert (opt.warmup_epochs, opt.daa_weight, opt.learning_rate) == (0, entry["daa_weight"], 0.0006)
+    tie = report["tie_reward"]
+    assert tie["asp_soft"]["constant"] > tie["asp_soft"]["random"] + 0.05 and tie["asp_soft"]["relevance"] == 1.0
+    assert tie["asp"]["constant"] == pytest.approx(0.5, abs=0.02)
+    table = (out_dir / "ablation.md").read_text(encoding="utf-8")
+    assert "| content oracle |" in table and "| SAF, DAA 25 reference − off (n=2) |" in table
 
     # Finished runs are not redone: a second call only re-reads them and writes the same report.
-    checkpoint_file = out_dir / "runs" / "off_seed0" / "model_best.pth.tar"
+    checkpoint_file = out_dir / "runs" / "SAF_w0_seed0" / "model_best.pth.tar"
     stamp = checkpoint_file.stat().st_mtime_ns
     assert errors.run(ablation.main, argv) == 0
     run_demo.IN_PROCESS = False
@@ -150,6 +188,19 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     assert json.loads((out_dir / "ablation.json").read_text(encoding="utf-8")) == report
     # Other settings in the same folder are refused rather than mixed in.
     capsys.readouterr()
-    assert errors.run(ablation.main, argv + ["--daa_weight", "2"]) == 2
+    assert errors.run(ablation.main, ["--out_dir", str(out_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0]
+
+
+def test_plateau_length_is_where_the_hinge_loss_leaves_the_collapse():
+    import ablation
+
+    collapsed = 2 * 32 * 0.2
+    steps = np.arange(5, 5 * 31, 5)
+    values = np.full(30, collapsed)
+    values[3] = 0.5 * collapsed  # a single dip is not the end of the collapse
+    values[20:] = 0.6 * collapsed
+    assert ablation.plateau_length(steps, values, 32, 0.2) == steps[20]
+    values[20:] = 0.95 * collapsed  # above 90 % of 2 B m: still collapsed
+    assert ablation.plateau_length(steps, values, 32, 0.2) is None

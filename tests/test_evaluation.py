@@ -102,7 +102,7 @@ def test_constant_matrix_scores_zero():
 def test_folds_are_block_means():
     rng = np.random.default_rng(5)
     S, M = rng.random((15, 75)), rng.random((15, 75))
-    out = evaluation.score_folds(S, M)
+    out = evaluation.score_folds(evaluation.fold_blocks(S), evaluation.fold_blocks(M))
     assert len(out["folds"]) == 5
     blocks = [evaluation.score_matrix(S[3 * f:3 * f + 3, 15 * f:15 * f + 15], M[3 * f:3 * f + 3, 15 * f:15 * f + 15])
               for f in range(5)]
@@ -126,7 +126,7 @@ def test_coco_recalls_equal_eccv_caption():
     i2t_idx, _, t2i_idx, _ = evaluation.topk_rankings(S, 10)
     items = {"i2t": {int(image_ids[i]): caption_ids[r].tolist() for i, r in enumerate(i2t_idx)},
              "t2i": {int(caption_ids[j]): image_ids[r].tolist() for j, r in enumerate(t2i_idx)}}
-    ours_1k = evaluation.score_folds(S)
+    ours_1k = evaluation.score_folds(evaluation.fold_blocks(S))
     items_1k = {"i2t": {}, "t2i": {}}  # each query ranks its own fold's block (the package filters to it)
     for lo, hi in evaluation.fold_bounds(5000):
         bi, _, bt, _ = evaluation.topk_rankings(S[lo:hi, 5 * lo:5 * hi], 10)

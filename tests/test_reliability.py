@@ -241,7 +241,8 @@ def test_synthetic_maker_bad_input(tmp_path, capsys, case):
 
 
 TRAIN_CASES = ["no_vocab", "vocab_without_word2idx", "vocab_not_json", "empty_split", "blank_caption_line",
-               "non_utf8_captions", "count_mismatch", "feature_shape", "features_not_array", "h5_without_feat",
+               "non_utf8_captions", "count_mismatch", "feature_shape", "features_other_dim", "features_other_regions",
+               "resume_features_other_dim", "features_not_array", "h5_without_feat",
                "no_features", "no_dev_split", "batch_larger_than_split", "resume_missing", "resume_not_a_checkpoint",
                "resume_other_module", "init_from_other_module", "resume_other_dims", "resume_vocab_size",
                "resume_vocab_ids", "model_name_is_a_file", "world_size_above_gpus"]
@@ -278,6 +279,17 @@ def test_train_bad_input(tiny_copy, reference, saf_checkpoint, tmp_path, capsys,
     elif case == "feature_shape":
         np.save(train_ims, np.zeros((40, 36), np.float32))
         needle = [train_ims, "shape"]
+    elif case == "features_other_dim":
+        np.save(train_ims, np.zeros((40, 36, 24), np.float32))
+        needle = [train_ims, "--img_dim 32"]
+    elif case == "features_other_regions":
+        np.save(folder / "dev_ims.npy", np.zeros((10, 20, 32), np.float32))
+        needle = [folder / "dev_ims.npy", "20 regions", "--img_dim 32"]
+    elif case == "resume_features_other_dim":  # features and --img_dim agree, the checkpoint was trained on 32
+        for split, n in (("train", 40), ("dev", 10)):
+            np.save(folder / f"{split}_ims.npy", np.zeros((n, 36, 24), np.float32))
+        extra = ["--resume", trained, "--img_dim", "24"]
+        needle = [train_ims, trained]
     elif case == "features_not_array":
         train_ims.write_bytes(b"PK\x03\x04 not an array")
         needle = train_ims
@@ -382,7 +394,8 @@ class RunsCode:
 
 
 @pytest.mark.parametrize("case", ["missing", "text", "tensor", "runs_code", "vocab_size", "vocab_ids",
-                                  "no_features", "count_mismatch", "world_size_above_gpus"])
+                                  "no_features", "count_mismatch", "features_other_dim", "features_other_regions",
+                                  "world_size_above_gpus"])
 def test_evaluation_model_bad_input(tiny_copy, reference, tmp_path, capsys, monkeypatch, case):
     ckpt = tmp_path / "model.pth.tar"
     shutil.copy(reference / "ckpt" / "model_best.pth.tar", ckpt)
@@ -415,6 +428,12 @@ def test_evaluation_model_bad_input(tiny_copy, reference, tmp_path, capsys, monk
     elif case == "count_mismatch":
         np.save(folder / "test_ims.npy", np.load(folder / "test_ims.npy")[:9])
         needle = folder / "test_ims.npy"
+    elif case == "features_other_dim":
+        np.save(folder / "test_ims.npy", np.zeros((10, 36, 24), np.float32))
+        needle = [folder / "test_ims.npy", ckpt, "24 values"]
+    elif case == "features_other_regions":
+        np.save(folder / "test_ims.npy", np.zeros((10, 20, 32), np.float32))
+        needle = [folder / "test_ims.npy", ckpt, "20 regions"]
     elif case == "world_size_above_gpus":
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -1,5 +1,6 @@
 """Training: the schedules as the optimizer and the loss see them, checkpoints in the original format,
-DDP on 2 CPU processes, NaN stop, accumulation, and (slow) that it learns.
+DDP on 2 CPU processes, NaN stop, accumulation, model selection at the ends of epochs, and (slow) that
+it learns.
 
 Two runs are shared by the tests that only read their outputs: `scheduled`, 3 short epochs with tiny
 dims that record the learning rate of every Adam step and the hinge every loss call used, and (slow)
@@ -18,11 +19,14 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import errors
 import evaluation
+import opts
 import train
 from daa_loss import DAALoss
 from tests.conftest import ROOT
+from tests.test_model import COMMON_LAYOUT, SGR_LAYOUT, parse_layout
 
 SMALL_DIMS = ["--word_dim", "32", "--embed_size", "64", "--sim_dim", "32"]
 TINY_DIMS = ["--word_dim", "8", "--embed_size", "16", "--sim_dim", "8"]
@@ -164,9 +168,10 @@ def test_checkpoints_keep_the_original_format(scheduled, synth):
     ckpt = load(out / "run" / "checkpoint_2.pth.tar")
     assert {"epoch", "model", "best_rsum", "opt", "Eiters"} <= set(ckpt)
     assert isinstance(ckpt["opt"], argparse.Namespace)
-    assert [len(sd) > 0 for sd in ckpt["model"]] == [True] * 3
-    assert "fc.weight" in ckpt["model"][0] and "embed.weight" in ckpt["model"][1]
-    assert any(k.startswith("SGR_module.") for k in ckpt["model"][2])
+    layout = parse_layout(COMMON_LAYOUT + SGR_LAYOUT)  # the released files' key names, DDP's prefix stripped
+    for part, state in zip(("img_enc", "txt_enc", "sim_enc"), ckpt["model"]):
+        assert all(key.startswith("module.") for key in state), part  # written as the released files are
+        assert {key[len("module."):] for key in state} == set(layout[part])
     assert ckpt["epoch"] == 3
     assert ckpt["Eiters"] == 3 * 4
     assert ckpt["opt"].learning_rate == 0.001  # stored unscaled
@@ -174,6 +179,47 @@ def test_checkpoints_keep_the_original_format(scheduled, synth):
         [str(out / "run" / f"checkpoint_{e}.pth.tar") for e in range(3)] + [str(out / "run" / "model_best.pth.tar")])
     with open(os.path.join(synth.vocab_path, "f30k_precomp_vocab.json"), encoding="utf-8") as f:
         assert ckpt["vocab"] == json.load(f)["word2idx"]
+
+
+def test_checkpoints_load_with_or_without_the_module_prefix(scheduled):
+    path = str(scheduled[0] / "run" / "checkpoint_2.pth.tar")
+    ckpt = checkpoint.load_checkpoint(path)
+    plain = dict(ckpt, model=[checkpoint.strip_module_prefix(state) for state in ckpt["model"]])
+    assert not any(key.startswith("module.") for state in plain["model"] for key in state)
+    prefixed, stripped = checkpoint.model_from_checkpoint(ckpt, path), checkpoint.model_from_checkpoint(plain, path)
+    for (name, value), other in zip(prefixed.state_dict().items(), stripped.state_dict().values()):
+        assert torch.equal(value, other), name
+    assert torch.equal(prefixed.img_enc.fc.weight, ckpt["model"][0]["module.fc.weight"])
+
+
+def test_checkpoints_without_daa_variant_load_with_the_variant_the_original_trained(tmp_path):
+    """The original release never stored daa_variant and trained the reference indexing; ours store it."""
+    opt = opts.parse_opt(["--daa_variant", "paper"])
+    checkpoint.save_checkpoint({"epoch": 1, "model": [{}, {}, {}], "best_rsum": 0.0, "opt": opt, "Eiters": 1},
+                               str(tmp_path / "ours.pth.tar"))
+    del opt.daa_variant
+    checkpoint.save_checkpoint({"epoch": 1, "model": [{}, {}, {}], "best_rsum": 0.0, "opt": opt, "Eiters": 1},
+                               str(tmp_path / "original.pth.tar"))
+    assert checkpoint.load_checkpoint(str(tmp_path / "ours.pth.tar"))["opt"].daa_variant == "paper"
+    assert checkpoint.load_checkpoint(str(tmp_path / "original.pth.tar"))["opt"].daa_variant == "reference"
+
+
+def test_mid_epoch_validations_are_logged_only(synth, short, tmp_path):
+    """--val_step: validated and logged every iteration, but model_best is chosen at the end of the epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = short_argv(synth, short, tmp_path) + ["--batch_size", "20", "--num_epochs", "1", "--val_step", "1",
+                                                 "--val_images", "10", "--learning_rate", "0.002"]
+    assert errors.run(train.main, argv) == 0
+    best, last = load(tmp_path / "run" / "model_best.pth.tar"), load(tmp_path / "run" / "checkpoint_0.pth.tar")
+    assert best["epoch"] == last["epoch"] == 1
+    for state, other in zip(best["model"], last["model"]):
+        assert all(torch.equal(value, other[key]) for key, value in state.items())
+    events = EventAccumulator(str(tmp_path / "log"))
+    events.Reload()
+    rsums = [e.value for e in events.Scalars("r_sum")]
+    assert len(rsums) == 10 + 1  # 200 captions / 20 a batch: ten mid-epoch validations, then the epoch's
+    assert best["best_rsum"] == pytest.approx(rsums[-1], abs=1e-6)
 
 
 def test_best_rsum_is_what_evaluation_finds_on_dev(scheduled, synth):
