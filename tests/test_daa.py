@@ -11,7 +11,7 @@ from baselines.daa_direct import asp_soft_direct, daa_loss_direct, soft_rank_dir
 
 
 def exact_asp(S, M):
-    """ASP with average ranks (SPEC section 4) of rows of S against rows of M, in [0, 1]."""
+    """ASP with average ranks of rows of S against rows of M, in [0, 1] (DAA's tau -> 0 limit)."""
     rank_s = scipy.stats.rankdata(-S, method="average", axis=1)
     rank_m = scipy.stats.rankdata(-M, method="average", axis=1)
     return float(np.mean(np.minimum(rank_s, rank_m) / np.maximum(rank_s, rank_m)))
@@ -98,7 +98,7 @@ def test_contrastive_loss_against_loops(max_violation):
 
 
 def test_collapsed_scores_give_the_stuck_loss():
-    """All scores equal: max-violation loss is 2 * N * margin (the plateau the SPEC describes)."""
+    """All scores equal: max-violation loss is 2 * N * margin (the plateau of the first epochs without warm-up)."""
     got = daa_loss.DAALoss()(torch.full((32, 32), 0.5))
     assert float(got["contrastive_loss"]) == pytest.approx(2 * 32 * 0.2)
 

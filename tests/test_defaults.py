@@ -65,7 +65,7 @@ def test_original_store_false_switches_turn_their_feature_off():
 
 
 def test_loss_defaults():
-    """DAALoss() and asp_soft as SPEC's Python API gives them: margin 0.2, max-violation, weight 25, tau 0.001."""
+    """DAALoss() and asp_soft's defaults: margin 0.2, max-violation, weight 25, reference indexing, tau 0.001."""
     loss = daa_loss.DAALoss()
     assert (loss.margin, loss.max_violation, loss.daa_weight, loss.daa_temp, loss.daa_variant) == \
         (0.2, True, 25, 0.001, "reference")
