@@ -70,7 +70,8 @@ def check_vocab(ckpt, path, vocab, vocab_path):
     (ours do), every word must keep its id: a vocabulary rebuilt from other files or in another order can
     have the same size and would silently send every caption through the wrong embeddings.
     """
-    embed = strip_module_prefix(ckpt["model"][1]).get("embed.weight")
+    text_encoder = ckpt["model"][1]
+    embed = text_encoder.get("module.embed.weight", text_encoder.get("embed.weight"))  # with or without DDP's prefix
     if embed is not None and embed.shape[0] != len(vocab):
         raise InputError(f"{vocab_path}: {len(vocab)} words, but the embedding of {path} has {embed.shape[0]} "
                          f"rows (not the vocabulary it was trained with)")
@@ -81,39 +82,7 @@ def check_vocab(ckpt, path, vocab, vocab_path):
                          f"{path} (e.g. {changed[0]!r}); not the vocabulary it was trained with")
 
 
-def strip_module_prefix(state_dict):
-    """Drop DDP's leading 'module.' from every key."""
-    return {key[len("module."):] if key.startswith("module.") else key: value for key, value in state_dict.items()}
-
-
 def add_module_prefix(state_dict):
     """Every key with DDP's leading 'module.', as the original's checkpoints have them (code written for
     the original loads them as they are)."""
     return {"module." + key: value for key, value in state_dict.items()}
-
-
-def load_weights(model, state_dicts, path):
-    """Load [img, txt, sim] state dicts into a SimilarityModel, naming `path` in any mismatch."""
-    try:
-        model.load_state_dicts(state_dicts)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
-        raise InputError(f"{path}: weights do not fit the model ({detail[:300]})") from None
-
-
-def model_from_checkpoint(ckpt, path, vocab_size=None):
-    """Build the checkpoint's model (its options; `vocab_size` defaults to the embedding's rows) in eval mode."""
-    from model import SimilarityModel
-
-    opt = argparse.Namespace(**vars(ckpt["opt"]))
-    embed = strip_module_prefix(ckpt["model"][1]).get("embed.weight")
-    if embed is None:
-        raise InputError(f"{path}: text encoder has no 'embed.weight'")
-    if vocab_size is not None and vocab_size != embed.shape[0]:
-        raise InputError(f"{path}: vocabulary has {vocab_size} words but the checkpoint's embedding has "
-                         f"{embed.shape[0]} rows (wrong --vocab_path?)")
-    opt.vocab_size = embed.shape[0]
-    model = SimilarityModel(opt)
-    load_weights(model, ckpt["model"], path)
-    return model.eval()

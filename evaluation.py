@@ -44,6 +44,7 @@ import vocab as vocab_lib
 from daa_loss import SemanticRelevance
 from errors import InputError
 from layout import CAPTIONS_PER_IMAGE, fold_bounds
+from model import SimilarityModel
 from pmrp_com.eccv import eccv_scores
 from pmrp_com.pmrp import topk_rankings
 
@@ -424,7 +425,7 @@ def model_sims(args, path, whole):
     opt = ckpt["opt"]
     data_path = args.data_path or opt.data_path
     vocab = load_vocab(args, ckpt, opt, path)
-    model = checkpoint.model_from_checkpoint(ckpt, path, len(vocab))
+    model = SimilarityModel.from_checkpoint(ckpt, path, len(vocab))
     image_loader, caption_loader, dataset = data.get_eval_loaders(
         data_path, opt.data_name, args.split, vocab, args.batch_size, args.workers)
     data.check_features(dataset.features, opt.img_dim, f"the model of {path}")

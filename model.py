@@ -7,13 +7,15 @@ length, with the padded words masked so that a caption scores the same whatever 
 
 Shapes: n_i images of R = 36 regions, n_c captions of at most L words, d = embed_size, s = sim_dim.
 """
+import argparse
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from checkpoint import strip_module_prefix
+from errors import InputError
 from layout import REGIONS
 
 DROPOUT = 0.4
@@ -32,6 +34,11 @@ def l2norm(X, dim=-1, eps=1e-8):
     """X / (||X||_2 + eps) along dim (the original's eps placement; one fused norm, and a zero vector
     gets a zero gradient instead of the NaN of sqrt'(0))."""
     return X / (torch.linalg.vector_norm(X, dim=dim, keepdim=True) + eps)
+
+
+def strip_module_prefix(state_dict):
+    """Drop DDP's leading 'module.' from every key (the original's checkpoints, and ours, carry it)."""
+    return {(key[len("module."):] if key.startswith("module.") else key): value for key, value in state_dict.items()}
 
 
 def init_weights(module):
@@ -432,7 +439,26 @@ class SimilarityModel(nn.Module):
         """[img_enc, txt_enc, sim_enc] state dicts, the original checkpoint's 'model' entry."""
         return [self.img_enc.state_dict(), self.txt_enc.state_dict(), self.sim_enc.state_dict()]
 
-    def load_state_dicts(self, state_dicts, strict=True):
-        """Load [img_enc, txt_enc, sim_enc] state dicts; DDP's leading 'module.' is stripped."""
-        for module, state in zip((self.img_enc, self.txt_enc, self.sim_enc), state_dicts, strict=True):
-            module.load_state_dict(strip_module_prefix(state), strict=strict)
+    def load_state_dicts(self, state_dicts, source):
+        """Load [img_enc, txt_enc, sim_enc] state dicts (keys with or without DDP's 'module.'); a mismatch is
+        an InputError naming `source`, the file they came from."""
+        try:
+            for module, state in zip((self.img_enc, self.txt_enc, self.sim_enc), state_dicts, strict=True):
+                module.load_state_dict(strip_module_prefix(state))
+        except RuntimeError as err:
+            detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:3])
+            raise InputError(f"{source}: weights do not fit the model ({detail[:300]})") from None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, path, vocab_size=None):
+        """The model a loaded checkpoint holds (checkpoint.load_checkpoint's dict, read from `path`), in eval
+        mode, built from its options; `vocab_size`, when given, must match its embedding's rows."""
+        embed = strip_module_prefix(ckpt["model"][1]).get("embed.weight")
+        if embed is None:
+            raise InputError(f"{path}: text encoder has no 'embed.weight'")
+        if vocab_size is not None and vocab_size != embed.shape[0]:
+            raise InputError(f"{path}: vocabulary has {vocab_size} words but the checkpoint's embedding has "
+                             f"{embed.shape[0]} rows (wrong --vocab_path?)")
+        model = cls(argparse.Namespace(**dict(vars(ckpt["opt"]), vocab_size=embed.shape[0])))
+        model.load_state_dicts(ckpt["model"], path)
+        return model.eval()

@@ -22,19 +22,15 @@ from tqdm import tqdm
 import data
 import evaluation
 import opts
-from checkpoint import add_module_prefix, check_vocab, load_checkpoint, load_weights, save_checkpoint
+from checkpoint import add_module_prefix, check_vocab, load_checkpoint, save_checkpoint
 from daa_loss import DAALoss
 from distributed import check_world_size, free_port, init_group, launched_by_torchrun, process_device
-from errors import InputError, run
+from errors import InputError, TrainingDiverged, run
 from fileio import check_output
 from model import SimilarityModel
 from vocab import deserialize_vocab
 
 log = logging.getLogger("train")
-
-
-class TrainingDiverged(InputError):
-    """The loss became NaN or inf; the run stops and the last good checkpoint stays as it was."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +187,7 @@ def train_process(rank, opt, init_method):
     start_epoch, best_rsum, iterations, ckpt = 0, 0.0, 0, None
     if opt.resume or opt.init_from:
         ckpt = load_start_checkpoint(opt, opt.resume or opt.init_from)
-        load_weights(model, ckpt["model"], opt.resume or opt.init_from)
+        model.load_state_dicts(ckpt["model"], opt.resume or opt.init_from)
     if distributed:
         model = distribute(model, device)
     criterion = DAALoss(opt.margin, opt.max_violation, opt.daa_weight, opt.daa_temp, opt.daa_variant)
@@ -238,7 +234,7 @@ def train_process(rank, opt, init_method):
                                     relevance.to(device), max_violation, amp_dtype)
             if not torch.isfinite(losses["loss"]):
                 raise TrainingDiverged(
-                    f"training loss became {losses['loss'].item()} at epoch {epoch}, iteration {iterations + 1} "
+                    f"the loss became {losses['loss'].item()} at epoch {epoch}, iteration {iterations + 1} "
                     f"(rank {rank}); stopped, the last good checkpoint in {opt.model_name} is untouched")
             scaler.scale(losses["loss"] / opt.accum_steps).backward()
             if (i + 1) % opt.accum_steps and i + 1 != len(train_loader):
@@ -284,6 +280,9 @@ def spawned_process(rank, opt, init_method):
     except InputError as err:
         print(f"error: rank {rank}: {err}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as err:
+        print(f"error: rank {rank}: training diverged: {err}", file=sys.stderr)
+        sys.exit(3)
     except (RuntimeError, dist.DistBackendError) as err:
         if not dist.is_initialized():
             raise

@@ -10,6 +10,7 @@ import errors
 import evaluation
 from baselines.asp_sort import asp_loop, asp_sort
 from baselines.tfidf_dense import relevance_dense
+from model import SimilarityModel
 
 KEYS = ("r1", "r5", "r10", "medr", "meanr", "asp")
 
@@ -350,7 +351,7 @@ def test_validation_scores_the_model_on_the_dev_cut(synth, tiny_ckpts):
     import vocab as vocab_lib
 
     vocab = vocab_lib.deserialize_vocab(os.path.join(synth.vocab_path, "coco_precomp_vocab.json"))
-    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tiny_ckpts[0]), tiny_ckpts[0], len(vocab))
+    model = SimilarityModel.from_checkpoint(checkpoint.load_checkpoint(tiny_ckpts[0]), tiny_ckpts[0], len(vocab))
     images, captions, dataset = data.get_eval_loaders(synth.data_path, "coco_precomp", "dev", vocab, 16, 0,
                                                       max_captions=50)
     metrics = evaluation.validate(model, images, captions, dataset.relevance, "cpu")

@@ -66,7 +66,7 @@ def golden_model(g, module_name):
     for part in PARTS:
         prefix = f"{module_name}/{part}/"
         states.append({k[len(prefix):]: torch.from_numpy(v) for k, v in g.items() if k.startswith(prefix)})
-    model.load_state_dicts(states)  # strict: every key of the original, and no other
+    model.load_state_dicts(states, FIXTURE)  # strict: every key of the original, and no other
     return model
 
 

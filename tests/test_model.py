@@ -123,7 +123,7 @@ def test_parameters_match_the_released_checkpoint_layout(module_name):
     prefixed = [{f"module.{k}": v + 1 if v.is_floating_point() else v for k, v in s.items()}
                 for s in model.state_dicts()]
     other = SimilarityModel(opt)
-    other.load_state_dicts(prefixed)
+    other.load_state_dicts(prefixed, "a DDP checkpoint")
     for state, loaded in zip(prefixed, other.state_dicts()):
         for key, value in loaded.items():
             assert torch.equal(value, state[f"module.{key}"])

@@ -43,6 +43,7 @@ import make_synthetic_data
 import np2h
 import pmrp_evaluation
 import train
+from model import SimilarityModel
 import vocab as vocab_lib
 from pmrp_com import pmrp
 
@@ -605,7 +606,7 @@ def check_after_kill(tiny, run_dir, argv, reference, batch):
     assert all(FINISHED.fullmatch(n) or TEMPORARY.fullmatch(n) for n in names), names
     for name in filter(FINISHED.fullmatch, names):
         ckpt = checkpoint.load_checkpoint(str(ckpt_dir / name))
-        model = checkpoint.model_from_checkpoint(ckpt, name)
+        model = SimilarityModel.from_checkpoint(ckpt, name)
         with torch.no_grad():
             scores = model(*batch)
         assert scores.shape == (4, 4) and torch.isfinite(scores).all(), name

@@ -25,6 +25,7 @@ import evaluation
 import opts
 import train
 from daa_loss import DAALoss
+from model import SimilarityModel, strip_module_prefix
 from tests.conftest import ROOT
 from tests.test_model import COMMON_LAYOUT, SGR_LAYOUT, parse_layout
 
@@ -184,9 +185,9 @@ def test_checkpoints_keep_the_original_format(scheduled, synth):
 def test_checkpoints_load_with_or_without_the_module_prefix(scheduled):
     path = str(scheduled[0] / "run" / "checkpoint_2.pth.tar")
     ckpt = checkpoint.load_checkpoint(path)
-    plain = dict(ckpt, model=[checkpoint.strip_module_prefix(state) for state in ckpt["model"]])
+    plain = dict(ckpt, model=[strip_module_prefix(state) for state in ckpt["model"]])
     assert not any(key.startswith("module.") for state in plain["model"] for key in state)
-    prefixed, stripped = checkpoint.model_from_checkpoint(ckpt, path), checkpoint.model_from_checkpoint(plain, path)
+    prefixed, stripped = SimilarityModel.from_checkpoint(ckpt, path), SimilarityModel.from_checkpoint(plain, path)
     for (name, value), other in zip(prefixed.state_dict().items(), stripped.state_dict().values()):
         assert torch.equal(value, other), name
     assert torch.equal(prefixed.img_enc.fc.weight, ckpt["model"][0]["module.fc.weight"])
@@ -294,9 +295,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(synth, short,
 
     monkeypatch.setattr(train, "DAALoss", DivergesInSecondEpoch)
     argv = short_argv(synth, short, tmp_path) + ["--batch_size", "10", "--num_epochs", "3"]
-    assert errors.run(train.main, argv) == 2
+    assert errors.run(train.main, argv) == 3  # not bad input (2): the run itself failed
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: training loss became nan at epoch 1")
+    assert err[-1].startswith("error: training diverged: the loss became nan at epoch 1")
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint_0.pth.tar", "model_best.pth.tar"]
     assert load(tmp_path / "run" / "checkpoint_0.pth.tar")["epoch"] == 1
     assert scores(str(tmp_path / "run" / "checkpoint_0.pth.tar"), synth, "dev")["rsum"] > 0
