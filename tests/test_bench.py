@@ -1,7 +1,10 @@
 """bench.py as a smoke run: --quick in-process, every row present, project and baseline outputs agree."""
+import pytest
+
 from tools import bench
 
 
+@pytest.mark.slow
 def test_quick_benchmark_has_every_row_and_the_outputs_agree(tmp_path):
     out = tmp_path / "bench.md"
     rows = bench.main(["--quick", "--out", str(out), "--tmp_dir", str(tmp_path)])

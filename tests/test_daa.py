@@ -1,4 +1,6 @@
 """DAA loss: blockwise soft ranks against the direct N^3 form, the tau -> 0 limit, gradients, variants."""
+import re
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -9,7 +11,7 @@ from tools.baselines.daa_direct import asp_soft_direct, daa_loss_direct, soft_ra
 
 
 def exact_asp(S, M):
-    """ASP with average ranks (SPEC section 4) of rows of S against rows of M, in [0, 1]."""
+    """ASP with average ranks of rows of S against rows of M, in [0, 1] (DAA's tau -> 0 limit)."""
     rank_s = scipy.stats.rankdata(-S, method="average", axis=1)
     rank_m = scipy.stats.rankdata(-M, method="average", axis=1)
     return float(np.mean(np.minimum(rank_s, rank_m) / np.maximum(rank_s, rank_m)))
@@ -29,8 +31,13 @@ def test_blockwise_equals_direct_values_and_gradients(variant, monkeypatch):
     (grad_direct,) = torch.autograd.grad((soft_rank_direct(S, temp, variant) * weights).sum(), S)
     torch.testing.assert_close(grad_fast, grad_direct)
     loss = daa_loss.DAALoss(daa_weight=3.0, daa_temp=temp, daa_variant=variant)(S, M)
-    direct = daa_loss_direct(S, M, 3.0, temp, variant)
-    torch.testing.assert_close(loss["daa_i2t_loss"] + loss["daa_t2i_loss"], direct)
+    # each term under its own name: i2t ranks within rows of S (images are the queries), t2i within columns
+    i2t = 3.0 * (1 - asp_soft_direct(S, M, temp, variant))
+    t2i = 3.0 * (1 - asp_soft_direct(S.t(), M.t(), temp, variant))
+    assert abs(float((i2t - t2i).detach())) > 1e-2  # an asymmetric case: the names are not interchangeable
+    torch.testing.assert_close(loss["daa_i2t_loss"], i2t)
+    torch.testing.assert_close(loss["daa_t2i_loss"], t2i)
+    torch.testing.assert_close(loss["daa_i2t_loss"] + loss["daa_t2i_loss"], daa_loss_direct(S, M, 3.0, temp, variant))
 
 
 def test_gradcheck_float64():
@@ -91,19 +98,44 @@ def test_contrastive_loss_against_loops(max_violation):
 
 
 def test_collapsed_scores_give_the_stuck_loss():
-    """All scores equal: max-violation loss is 2 * N * margin (the plateau the SPEC describes)."""
+    """All scores equal: max-violation loss is 2 * N * margin (the plateau of the first epochs without warm-up)."""
     got = daa_loss.DAALoss()(torch.full((32, 32), 0.5))
     assert float(got["contrastive_loss"]) == pytest.approx(2 * 32 * 0.2)
 
 
+def peak_rss_during(fn):
+    """Bytes the process's peak resident memory rose above its resident memory while fn() ran (Linux:
+    /proc/self/clear_refs resets the peak, VmHWM, to the current size)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("peak memory is measured through /proc/self (Linux)")
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return 1024 * int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
+
+    start = status("VmRSS")
+    fn()
+    return status("VmHWM") - start
+
+
 def test_large_batch_memory_is_bounded():
-    """N = 512 runs (forward + backward) without the 512^3 tensor the direct form builds."""
+    """N = 512, forward + backward, peaks below 64 MB more than it started with; the direct form's
+    single (N, N, N) tensor of comparisons alone is 512 MB."""
     gen = torch.Generator().manual_seed(5)
     S = torch.rand(512, 512, generator=gen, requires_grad=True)
     M = torch.rand(512, 512, generator=gen)
-    out = daa_loss.DAALoss()(S, M)
-    out["loss"].backward()
-    assert torch.isfinite(S.grad).all()
+
+    def loss_and_gradient():
+        daa_loss.DAALoss()(S, M)["loss"].backward()
+
+    daa_loss.DAALoss()(S[:64, :64], M[:64, :64])["loss"].backward()  # first use pages in the kernels' code
+    S.grad = None
+    assert peak_rss_during(lambda: torch.ones(32 << 20).add_(1)) > 120 << 20  # the measure sees a 128 MB tensor
+    assert peak_rss_during(loss_and_gradient) < 64 << 20
+    assert torch.isfinite(S.grad).all() and S.grad.abs().sum() > 0
 
 
 def test_semantic_relevance_block_matches_definition():

@@ -22,6 +22,7 @@ def demo(tmp_path_factory):
     return out_dir
 
 
+@pytest.mark.slow
 def test_table_has_every_row_with_numbers_in_range(demo):
     with open(os.path.join(demo, "results.json"), encoding="utf-8") as f:
         results = json.load(f)
@@ -50,6 +51,7 @@ def test_table_has_every_row_with_numbers_in_range(demo):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_table_equals_a_recomputation_from_the_saved_matrices(demo):
     with open(os.path.join(demo, "results.json"), encoding="utf-8") as f:
         results = json.load(f)
@@ -105,6 +107,7 @@ def test_demo_never_removes_folders_it_did_not_write(tmp_path, capsys):
     assert (tmp_path / "data" / "keep.txt").read_text(encoding="utf-8") == "real data"
 
 
+@pytest.mark.slow
 def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, capsys):
     """ablation.py --quick: the right options per run, every number recomputed from the run's saved matrix,
     mean/std/paired differences and their 95 % intervals recomputed from the runs; a re-run trains nothing."""

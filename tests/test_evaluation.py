@@ -8,8 +8,11 @@ import pytest
 
 import errors
 import evaluation
-from model import SimilarityModel
 from tools.baselines.asp_sort import asp_loop, asp_sort
+from tools.baselines.tfidf_dense import relevance_dense
+from model import SimilarityModel
+
+KEYS = ("r1", "r5", "r10", "medr", "meanr", "asp")
 
 
 def brute_ranks(S):
@@ -22,16 +25,34 @@ def brute_ranks(S):
 
 
 def brute_summary(ranks):
-    ranks = list(ranks)
-    r = [100.0 * sum(x < k for x in ranks) / len(ranks) for k in (1, 5, 10)]
-    return (*r, float(np.floor(np.median(ranks)) + 1), sum(ranks) / len(ranks) + 1)
+    """(r1, r5, r10, medr, meanr) of 0-based ranks; medr = 1 + the median rounded down (SCAN's floor)."""
+    ranks = sorted(ranks)
+    n = len(ranks)
+    r = [100.0 * sum(x < k for x in ranks) / n for k in (1, 5, 10)]
+    return (*r, float((ranks[(n - 1) // 2] + ranks[n // 2]) // 2 + 1), sum(ranks) / n + 1)
 
 
-@pytest.mark.parametrize("seed,levels", [(0, 3), (1, 1000), (2, 2)])
-def test_recall_and_asp_against_loops(seed, levels, monkeypatch):
+def brute_scores(S, M):
+    """evaluation.score_matrix's dict from the loops: R@K, medr, meanr and ASP per direction, rsum."""
+    ri, rt = brute_ranks(S)
+    out = {"i2t": dict(zip(KEYS, brute_summary(ri) + (asp_loop(S, M),))),
+           "t2i": dict(zip(KEYS, brute_summary(rt) + (asp_loop(S.T, M.T),)))}
+    out["rsum"] = sum(out[d][f"r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    return out
+
+
+def assert_scores(report, expected):
+    for d in ("i2t", "t2i"):
+        for key in KEYS:
+            assert report[d][key] == pytest.approx(expected[d][key], abs=1e-9), (d, key)
+    assert report["rsum"] == pytest.approx(expected["rsum"], abs=1e-9)
+
+
+@pytest.mark.parametrize("seed,levels,n", [(0, 3, 9), (1, 1000, 8), (2, 2, 9), (3, 4, 8)])
+def test_recall_and_asp_against_loops(seed, levels, n, monkeypatch):
+    """Odd and even numbers of queries (9 images and 45 captions; 8 and 40): the median needs its floor."""
     monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", 50)  # many uneven chunks
     rng = np.random.default_rng(seed)
-    n = 9
     S = rng.integers(0, levels, (n, 5 * n)).astype(np.float32)  # few levels: many ties
     M = rng.integers(0, 3, (n, 5 * n)).astype(np.float32)
     ri, rt = brute_ranks(S)
@@ -41,6 +62,18 @@ def test_recall_and_asp_against_loops(seed, levels, monkeypatch):
     assert i2t[5] == pytest.approx(asp_loop(S, M), abs=1e-9)
     assert t2i[5] == pytest.approx(asp_loop(S.T, M.T), abs=1e-9)
     assert evaluation.i2t(S)[5] is None
+
+
+def test_medr_rounds_the_median_down_and_meanr_is_the_mean_plus_1():
+    """2 images, 10 captions (even counts): i2t ranks 0, 1 and t2i ranks five 0s, five 1s (0-based)."""
+    S = np.array([[0.9, 0.1, 0.1, 0.1, 0.1, 0.6, 0.2, 0.2, 0.2, 0.2],
+                  [0.8, 0.3, 0.3, 0.3, 0.3, 0.5, 0.4, 0.4, 0.4, 0.4]])
+    assert evaluation.i2t_ranks(S).tolist() == [0, 1]
+    assert evaluation.t2i_ranks(S).tolist() == [0, 1, 1, 1, 1, 1, 0, 0, 0, 0]
+    for direction in (evaluation.i2t(S), evaluation.t2i(S)):
+        assert direction[3:5] == (1.0, 1.5)
+    assert evaluation.recall_summary(np.array([0, 3]))[3:] == (2.0, 2.5)  # median 1.5 -> 1, + 1
+    assert evaluation.recall_summary(np.array([0, 3, 7]))[3:] == (4.0, 1 + 10 / 3)
 
 
 def test_asp_sort_equals_average_rank_without_ties():
@@ -131,29 +164,35 @@ def _sims_argv(d, *extra):
 
 
 def test_sims_mode_json(caps_dir):
+    """Two --sims are averaged (the saved matrix is their mean); whole split and --fold5 against the loops,
+    each fold scored with its own block of the relevance fit on the whole split."""
     from daa_loss import SemanticRelevance
 
-    S2 = np.random.default_rng(8).random((10, 50)).astype(np.float32)
+    S1, S2 = np.load(caps_dir / "s1.npy"), np.random.default_rng(8).random((10, 50)).astype(np.float32)
     np.save(caps_dir / "s2.npy", S2)
-    out = caps_dir / "out.json"
+    out, saved = caps_dir / "out.json", caps_dir / "mean.npy"
     argv = _sims_argv(caps_dir, "--sims", str(caps_dir / "s1.npy"), "--sims", str(caps_dir / "s2.npy"),
                       "--json", str(out))
-    assert errors.run(evaluation.main, argv) == 0
+    assert errors.run(evaluation.main, argv + ["--save_sims", str(saved)]) == 0
     report = json.loads(out.read_text())
     assert {"split", "fold5", "n_images", "n_captions", "i2t", "t2i", "rsum", "provenance"} <= set(report)
     assert report["n_images"] == 10 and report["n_captions"] == 50 and report["fold5"] is False
-    assert set(report["i2t"]) == {"r1", "r5", "r10", "medr", "meanr", "asp"}
+    assert set(report["i2t"]) == set(KEYS)
+    mean = (S1 + S2) / 2
+    np.testing.assert_array_equal(np.load(saved), mean)
     M = SemanticRelevance((caps_dir / "toy_precomp" / "test_caps.txt").read_text().splitlines()).matrix()
-    expected = evaluation.score_matrix((np.load(caps_dir / "s1.npy") + S2) / 2, M)
-    for d in ("i2t", "t2i"):
-        for key, value in expected[d].items():
-            assert report[d][key] == pytest.approx(value)
+    assert_scores(report, brute_scores(mean, M))
     assert report["provenance"]["sims"] == [str(caps_dir / "s1.npy"), str(caps_dir / "s2.npy")]
-    # --fold5: fold means + five folds
+    # --fold5: five folds of 2 images, and their means at the top level
     assert errors.run(evaluation.main, argv + ["--fold5"]) == 0
     folds = json.loads(out.read_text())
     assert folds["fold5"] is True and len(folds["folds"]) == 5
-    assert folds["i2t"]["r1"] == pytest.approx(np.mean([f["i2t"]["r1"] for f in folds["folds"]]))
+    for f, fold in enumerate(folds["folds"]):
+        block = np.s_[2 * f:2 * f + 2, 10 * f:10 * f + 10]
+        assert_scores(fold, brute_scores(mean[block], M[block]))
+    for d in ("i2t", "t2i"):
+        for key in KEYS:
+            assert folds[d][key] == pytest.approx(np.mean([f[d][key] for f in folds["folds"]]))
 
 
 def test_asp_gives_no_credit_for_ties(synth, tmp_path):
@@ -257,27 +296,39 @@ def test_model_mode_end_to_end(synth, tiny_ckpts, tmp_path):
                                         "coco_precomp", "--split", "testall", "--json", str(out2)]) == 0
     again = json.loads(out2.read_text())
     assert again["i2t"] == report["i2t"] and again["t2i"] == report["t2i"]
+    from daa_loss import SemanticRelevance
+
+    M = SemanticRelevance(open(os.path.join(synth.coco_root, "testall_caps.txt"), encoding="utf-8")
+                          .read().splitlines()).matrix()
+    assert_scores(report, evaluation.score_matrix(S1, M))  # the relevance of the whole testall split
     # SGRAF: two checkpoints = the mean of their matrices; --fold5 alone scores only the diagonal blocks
     assert errors.run(evaluation.main, ["--model_path", saf, "--save_sims", str(sims2)] + base) == 0
     mean = (S1 + np.load(sims2)) / 2
-    ranks = tmp_path / "ranks.jsonl"
+    ranks, ens_sims = tmp_path / "ranks.jsonl", tmp_path / "sgraf.npy"
     assert errors.run(evaluation.main, ["--model_path", sgr, "--model_path2", saf, "--fold5", "--json", str(out),
-                                        "--save_ranks", str(ranks), "--topk", "3"] + base) == 0
+                                        "--save_ranks", str(ranks), "--topk", "3", "--save_sims", str(ens_sims)]
+                      + base) == 0
     ens = json.loads(out.read_text())
-    expected = evaluation.score_folds(evaluation.fold_blocks(mean))
+    S = np.load(ens_sims)
+    np.testing.assert_allclose(S, mean, rtol=0, atol=1e-6)  # the average of the two, not their sum
     assert ens["fold5"] is True and len(ens["folds"]) == 5
+    for f, fold in enumerate(ens["folds"]):  # R@K and ASP of each 10-image fold, M's block of the fold
+        block = np.s_[10 * f:10 * f + 10, 50 * f:50 * f + 50]
+        assert_scores(fold, brute_scores(S[block], M[block]))
     for d in ("i2t", "t2i"):
-        for key in ("r1", "r5", "r10", "medr", "meanr"):
-            assert ens[d][key] == pytest.approx(expected[d][key])
-    assert "all" in ens  # --save_ranks needs the whole matrix: the 5K numbers come too
+        for key in KEYS:
+            assert ens[d][key] == pytest.approx(np.mean([fold[d][key] for fold in ens["folds"]]))
+    assert_scores(ens["all"], evaluation.score_matrix(S, M))  # --save_sims needs the whole matrix: 5K too
     lines = [json.loads(line) for line in ranks.read_text().splitlines()]
     assert len(lines) == n + 5 * n and lines[0]["direction"] == "i2t" and len(lines[0]["topk"]) == 3
-    assert lines[0]["topk"] == np.argsort(-mean[0], kind="stable")[:3].tolist()
+    assert lines[0]["topk"] == np.argsort(-S[0], kind="stable")[:3].tolist()
+    assert lines[0]["scores"] == pytest.approx(S[0, lines[0]["topk"]].tolist())
     out3 = tmp_path / "fold_only.json"
     assert errors.run(evaluation.main, ["--model_path", sgr, "--model_path2", saf, "--fold5", "--json", str(out3)]
                       + base) == 0
     fold_only = json.loads(out3.read_text())
-    assert "all" not in fold_only and fold_only["i2t"]["r1"] == pytest.approx(expected["i2t"]["r1"])
+    assert "all" not in fold_only  # the same blocks scored without the rest of the matrix: the same numbers
+    assert_scores(fold_only, ens)
 
 
 def test_model_mode_vocab_mismatch(synth, tiny_ckpts, tmp_path, capsys):
@@ -291,18 +342,26 @@ def test_model_mode_vocab_mismatch(synth, tiny_ckpts, tmp_path, capsys):
                            "--device", "cpu", "--json", str(out)], out, tiny_ckpts[0])
 
 
-def test_validate_matches_score_matrix(synth, tiny_ckpts):
+def test_validation_scores_the_model_on_the_dev_cut(synth, tiny_ckpts):
+    """What training's validation reports, against the model's own matrix (one forward over every pair of
+    the first 10 dev images) scored by the loops with the dense TF-IDF of those 50 captions."""
     import checkpoint
     import data
+    import torch
     import vocab as vocab_lib
 
     vocab = vocab_lib.deserialize_vocab(os.path.join(synth.vocab_path, "coco_precomp_vocab.json"))
     model = SimilarityModel.from_checkpoint(checkpoint.load_checkpoint(tiny_ckpts[0]), tiny_ckpts[0], len(vocab))
-    images, captions, dataset = data.get_eval_loaders(synth.data_path, "coco_precomp", "dev", vocab, 16, 0)
+    images, captions, dataset = data.get_eval_loaders(synth.data_path, "coco_precomp", "dev", vocab, 16, 0,
+                                                      max_captions=50)
     metrics = evaluation.validate(model, images, captions, dataset.relevance, "cpu")
-    sims = evaluation.compute_sims(model, images, captions, shard_size=1000, device="cpu")
-    assert metrics == evaluation.score_matrix(sims, dataset.relevance.matrix())
-    assert set(metrics) == {"i2t", "t2i", "rsum"} and metrics["i2t"]["asp"] is not None
+    all_images = torch.stack([dataset.image(i) for i in range(10)])
+    padded, lengths = data.pad_captions([dataset.caption(j) for j in range(50)])
+    with torch.no_grad():
+        S = model.eval()(all_images, padded, lengths).numpy()
+    captions_text = data.read_captions(synth.data_path, "coco_precomp", "dev")[:50]
+    assert set(metrics) == {"i2t", "t2i", "rsum"}
+    assert_scores(metrics, brute_scores(S, relevance_dense(captions_text).astype(np.float32)))
 
 
 def test_eccv_needs_testall(synth, tiny_ckpts, capsys, tmp_path):

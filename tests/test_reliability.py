@@ -620,6 +620,7 @@ def check_after_kill(tiny, run_dir, argv, reference, batch):
     return names
 
 
+@pytest.mark.slow
 def test_kill_training_at_random_moments(tiny, reference, probe_batch, tmp_path):
     """20 SIGKILLs of train.py, half at random moments of a run, half in the middle of a checkpoint write.
 
@@ -649,6 +650,7 @@ def test_kill_training_at_random_moments(tiny, reference, probe_batch, tmp_path)
     assert mid_write >= 7, mid_write
 
 
+@pytest.mark.slow
 def test_kill_np2h_at_random_moments(tmp_path):
     """10 SIGKILLs of np2h.py converting three splits: any .h5 that exists is complete, the re-run finishes
     the rest, and the result equals the .npy files."""
@@ -753,6 +755,7 @@ def spawned_workers(pid):
     return sorted(workers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_distributed_run_ends_when_a_peer_fails(tiny, tmp_path, fault):
     """--world_size 2 on the CPU (gloo): SIGKILL one process, or SIGSTOP it (then --dist_timeout makes the

@@ -4,11 +4,26 @@ Runs on the submodules and weights of a `model.EncoderSimilarity`, calling its L
 exactly as the original does (plain query and key projections in SGR, SAF's BatchNorm1d(1) called once
 per caption), so its scores and, in training mode, its BatchNorm running statistics are the reference
 for the batched `EncoderSimilarity.forward`. Used by tests/test_model.py and the benchmark.
+
+Its constants and normalisations are written out here from the original's formulas, not imported from
+model.py: a yardstick that shared them would move with the code it checks.
 """
 import torch
 import torch.nn.functional as F
 
-from model import SMOOTH, l1norm, l2norm
+SMOOTH = 9.0  # lambda of the SCAN text-to-image attention (a literal in the original)
+LEAKY_SLOPE = 0.1  # LeakyReLU of the SCAN attention logits
+EPS = 1e-8  # added to the norm, after the square root, as the original does
+
+
+def l1norm(X, dim):
+    """X / (sum |X| + eps) along dim."""
+    return torch.div(X, torch.abs(X).sum(dim=dim, keepdim=True) + EPS)
+
+
+def l2norm(X, dim):
+    """X / (sqrt(sum X^2) + eps) along dim."""
+    return torch.div(X, torch.pow(X, 2).sum(dim=dim, keepdim=True).sqrt() + EPS)
 
 
 def _self_attention(sa, local, raw_global):
@@ -21,7 +36,7 @@ def _self_attention(sa, local, raw_global):
 
 def _scan_attention(words, regions):
     """Text-to-image SCAN attention: words (n, L, d), regions (n, R, d) -> attended contexts (n, L, d)."""
-    attn = F.leaky_relu(torch.bmm(regions, words.transpose(1, 2)), 0.1)  # (n, R, L)
+    attn = F.leaky_relu(torch.bmm(regions, words.transpose(1, 2)), LEAKY_SLOPE)  # (n, R, L)
     attn = l2norm(attn, dim=2)
     attn = torch.softmax(attn.transpose(1, 2) * SMOOTH, dim=2)  # (n, L, R)
     return l2norm(torch.bmm(attn, regions), dim=-1)
