@@ -17,7 +17,7 @@ import evaluation
 import model
 import opts
 import vocab as vocab_module
-from baselines.tfidf_dense import relevance_dense
+from tools.baselines.tfidf_dense import relevance_dense
 from errors import InputError
 
 # The original opts.py: every option with a number or name of the method, and its default. world_size
