@@ -8,7 +8,6 @@ as in the released files, and read with or without it.
 """
 import argparse
 import os
-import time
 import warnings
 
 import torch
@@ -17,17 +16,10 @@ import opts
 from errors import InputError
 from fileio import atomic_path
 
-# Test-only hook: seconds to pause after writing the temporary file and before the rename, so that a
-# kill drill can land in the middle of a checkpoint write on purpose.
-SLOW_WRITE_ENV = "DAA_SLOW_CHECKPOINT_WRITE"
-
-
 def save_checkpoint(state, path):
     """torch.save `state` to `path` atomically: a kill at any moment leaves the old file or the new one."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        if os.environ.get(SLOW_WRITE_ENV):
-            time.sleep(float(os.environ[SLOW_WRITE_ENV]))
 
 
 def load_checkpoint(path):

@@ -73,20 +73,6 @@ class SemanticRelevance:
         return self.block(ids, np.arange(self.n_captions))
 
 
-def semantic_relevance(captions_of_images, captions):
-    """M (n_images, n_captions) for images given by their captions (a list of 5-caption lists).
-
-    TF-IDF is fitted on `captions` (all captions of the split), as in SemanticRelevance.
-    """
-    vectorizer = CountVectorizer().fit(captions)
-    transformer = TfidfTransformer().fit(vectorizer.transform(captions))
-    caption_rows = transformer.transform(vectorizer.transform(captions))
-    image_rows = scipy.sparse.vstack([
-        scipy.sparse.csr_matrix(transformer.transform(vectorizer.transform(caps)).mean(axis=0))
-        for caps in captions_of_images])
-    return np.asarray((image_rows @ caption_rows.T).todense(), dtype=np.float32)
-
-
 # ------------------------------------------------------------------------------------------------
 # Soft ranks
 

@@ -49,7 +49,17 @@ from pmrp_com import pmrp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_EPOCHS = 2
-SLOW_WRITE_S = 0.25  # DAA_SLOW_CHECKPOINT_WRITE in the kill drills: every checkpoint write stays open this long
+SLOW_WRITE_S = 0.25  # in the kill drills every checkpoint write stays open this long (SLOW_TRAIN)
+# train.py with torch.save slowed down: the temporary file of every checkpoint stays there SLOW_WRITE_S
+# before its rename, so that a kill can land in the middle of a checkpoint write on purpose.
+SLOW_TRAIN = f"""
+import runpy, sys, time, torch
+save = torch.save
+torch.save = lambda *args, **kwargs: (save(*args, **kwargs), time.sleep({SLOW_WRITE_S}))[0]
+sys.argv[0] = {os.path.join(ROOT, "train.py")!r}
+sys.path.insert(0, {ROOT!r})
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 FINISHED = re.compile(r"checkpoint_\d+\.pth\.tar|model_best\.pth\.tar")
 TEMPORARY = re.compile(r"\..+\.tmp")  # fileio.atomic_path's names: hidden, never a finished file's name
 
@@ -570,10 +580,9 @@ def run_and_kill(argv, run_dir, target, delay):
     after the temporary file of checkpoint `target` appears, i.e. during its (slowed-down) write."""
     log_path = run_dir / "train.log"
     run_dir.mkdir(parents=True)
-    env = subprocess_env(DAA_SLOW_CHECKPOINT_WRITE=str(SLOW_WRITE_S))
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, *argv], stdout=log,
+                                stderr=subprocess.STDOUT, env=subprocess_env())
     try:
         started = wait_until(lambda: "options:" in log_path.read_text(errors="replace"), proc)
         assert started, log_path.read_text(errors="replace")[-2000:]
