@@ -51,3 +51,14 @@ def synth(tmp_path_factory):
         root=str(root), data_path=data_path, vocab_path=vocab_path, ann_root=ann_root,
         coco_root=os.path.join(data_path, "coco_precomp"), feat_dim=SYNTH_FEAT_DIM, seed=SYNTH_SEED,
         sizes={k[2:]: v for k, v in SYNTH_SIZES.items()}, argv=argv)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's tests, restored afterwards (float sums depend on it)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

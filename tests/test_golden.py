@@ -42,13 +42,8 @@ def golden():
         return {key: z[key] for key in z.files}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The fixture was made with one thread; float sums depend on the thread count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# The golden numbers were made with one thread; float sums depend on the thread count.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def golden_opt(g, module_name):

@@ -72,13 +72,7 @@ def subprocess_env(**extra):
 # Fixtures and helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for the in-process runs of this module (see the module docstring)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs with one thread (see the docstring)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@
 # The torch.compile rows run separately, so that a compiler failure (no Triton, say) costs only those rows.
 # Without a CUDA device the script runs the same commands as a CPU smoke run (--quick), which checks it anywhere.
 set -euo pipefail
-out_dir="$(realpath "${1:-.}")"
+out_dir="$(realpath -m -- "${1:-.}")"
 cd "$(dirname "$0")/.."
 mkdir -p "$out_dir"
 if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
