@@ -8,9 +8,9 @@ R retrieved (descending score, ties by lower gallery index) / R, PM-R@1 = whethe
 plausible. i2t: query images, gallery captions; t2i: query captions, gallery images.
 
 PCME builds a dict of full rankings per query and walks it in Python for every threshold. Here chunks
-of query rows are handled at once: each row is ranked only as far as its largest R (topk_rows, which
-evaluation.py's --save_ranks and --eccv use too), and the plausible items among the top R are counted
-along that ranking (see _rprecision). A query's own image is always in its gallery (distance 0), so R >= 1.
+of query rows are handled at once: the top R of each row is a mask (top_mask: the ranking rule, which
+topk_rows, evaluation.py's --save_ranks and --eccv use too) and the plausible items in it are counted
+(see _rprecision); no ranking is materialised. A query's own image is always in its gallery (distance 0), so R >= 1.
 """
 import contextlib
 import io
@@ -97,13 +97,26 @@ def plausibility_distances(codes):
     return dist
 
 
-def topk_rows(matrix, k):
-    """Top-k column indices of every row of `matrix` (n_q, n): int64 (n_q, min(k, n)).
+def top_mask(block, kth, k):
+    """The top k[r] items of each row r of `block` (b, n) as a boolean (b, n) mask, kth (b, 1) the k-th largest.
 
-    Descending score, ties by lower index (what a stable sort of -score gives: PCME's ranking), without
-    sorting rows: the k-th largest value v comes from a partition; the items > v and the lowest-index
-    items == v make exactly k, which are then ordered among themselves.
+    PCME's ranking (descending score, ties by lower index, what a stable sort of -score gives) without
+    sorting: the items above the k-th value, and the lowest-index items equal to it that fill the slots
+    left. The items >= the k-th value are exactly the top k unless ties at it spill over the k-th place;
+    only those (rare) rows are trimmed.
     """
+    k = np.broadcast_to(k, (block.shape[0],))
+    chosen = block >= kth
+    spill = np.flatnonzero(chosen.sum(1) > k)
+    if len(spill):
+        tied = block[spill] == kth[spill]
+        room = k[spill] - (block[spill] > kth[spill]).sum(1)  # slots left for the tied items
+        chosen[spill] &= ~tied | (np.cumsum(tied, axis=1) <= room[:, None])
+    return chosen
+
+
+def topk_rows(matrix, k):
+    """Top-k column indices of every row of `matrix` (n_q, n), in ranking order: int64 (n_q, min(k, n))."""
     n_q, n = matrix.shape
     k = min(k, n)
     idx = np.empty((n_q, k), dtype=np.int64)
@@ -112,11 +125,7 @@ def topk_rows(matrix, k):
         rows = slice(start, min(start + step, n_q))
         block = np.ascontiguousarray(matrix[rows])
         kth = -np.partition(-block, k - 1, axis=1)[:, k - 1:k]  # (b, 1) k-th largest value
-        above = block > kth
-        tied = block == kth
-        room = k - above.sum(1, keepdims=True)  # slots left for the tied items, lowest index first
-        chosen = above | (tied & (np.cumsum(tied, axis=1) <= room))
-        cols = np.nonzero(chosen)[1].reshape(-1, k)  # row-major: each row's chosen columns, ascending
+        cols = np.nonzero(top_mask(block, kth, k))[1].reshape(-1, k)  # each row's top k, ascending column
         order = np.argsort(-np.take_along_axis(block, cols, axis=1), axis=1, kind="stable")
         idx[rows] = np.take_along_axis(cols, order, axis=1)
     return idx
@@ -140,9 +149,9 @@ def _rprecision(scores, queries, query_image, gallery_image, dist, max_thres):
     no threshold reaches, and their scores are set to -inf so that they never enter a top R (inputs
     are finite). `scores` may be a transposed view. Returns two float64 (max_thres, len(queries)).
 
-    Each chunk of queries is ranked once, to the largest R of the chunk (that of the last threshold,
-    whose plausible set holds the others'), by topk_rows; a cumulative count of the plausible items
-    along that ranking gives the hits among the top R for every threshold.
+    No ranking: with R plausible items, the R-th largest score v of each row comes from a partition and
+    a sort of the largest values only, the top R are top_mask(v, R), and the hits are counted in it;
+    the top item is the first maximum (np.argmax), rank 1 under ties by lower index.
     """
     n_q, n_g = len(queries), scores.shape[1]
     left_out = gallery_image < 0
@@ -154,15 +163,19 @@ def _rprecision(scores, queries, query_image, gallery_image, dist, max_thres):
         block = np.array(scores[queries[rows]], dtype=scores.dtype, order="C")  # (b, n_g) copy
         block[:, left_out] = -np.inf
         picks = np.arange(block.shape[0])
+        top = np.argmax(block, axis=1)
         dists = dist[query_image[rows, None], gallery_image[None, :]]  # (b, n_g)
+        # The R-th largest score for every R up to the chunk's largest R (that of the last threshold):
+        # partition off the top K values and sort only those (a full sort when K is large).
         K = int(np.count_nonzero(dists <= max_thres - 1, axis=1).max())
-        ranking = topk_rows(block, K)  # (b, K)
-        ranked_dists = np.take_along_axis(dists, ranking, axis=1)
+        largest = np.partition(block, n_g - K, axis=1)[:, n_g - K:] if K < n_g // 2 else block
+        largest = np.sort(largest, axis=1)  # ascending; the R-th largest is at [-R]
         for t in range(max_thres):
-            R = np.count_nonzero(dists <= t, axis=1)
-            hits = np.cumsum(ranked_dists <= t, axis=1)[picks, R - 1]
-            rp[t, rows] = hits / R
-            r1[t, rows] = ranked_dists[:, 0] <= t
+            plausible = dists <= t
+            R = np.count_nonzero(plausible, axis=1)
+            v = largest[picks, largest.shape[1] - R][:, None]
+            rp[t, rows] = np.count_nonzero(top_mask(block, v, R) & plausible, axis=1) / R
+            r1[t, rows] = plausible[picks, top]
     return rp, r1
 
 
