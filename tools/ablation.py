@@ -103,11 +103,10 @@ def score(run, sims, evaluation_json, pmrp_json, data_path, ann_root, title):
     """evaluation.py --sims and pmrp_evaluation.py --n_fold 0 of a saved matrix, unless already done."""
     if not os.path.isfile(evaluation_json):
         run("evaluation.py", ["--sims", sims, "--data_path", data_path, "--data_name", run_demo.DATA_NAME,
-                                              "--split", "testall", "--json", evaluation_json], f"{title}: evaluate")
+                              "--split", "testall", "--json", evaluation_json], f"{title}: evaluate")
     if not os.path.isfile(pmrp_json):
-        run("pmrp_evaluation.py", ["--path1", sims, "--n_fold", 0, "--ann_root", ann_root,
-                                                   "--dataset_root", os.path.join(data_path, run_demo.DATA_NAME),
-                                                   "--json", pmrp_json], f"{title}: PMRP")
+        run("pmrp_evaluation.py", ["--path1", sims, "--n_fold", 0, "--ann_root", ann_root, "--json", pmrp_json,
+                                   "--dataset_root", os.path.join(data_path, run_demo.DATA_NAME)], f"{title}: PMRP")
 
 
 def read_scores(evaluation_json, pmrp_json):
@@ -137,17 +136,16 @@ def execute(job):
     if not os.path.isfile(last):
         for folder in (where["model"], where["log"]):  # an interrupted run of this ablation starts again
             shutil.rmtree(folder, ignore_errors=True)
-        run("train.py", run_demo.train_args(size, training, data_path, vocab_path, module, where["model"],
-                                                            where["log"], seed, ["--daa_variant", variant]),
-                            f"{title}: train")
+        run("train.py", run_demo.train_args(size, training, data_path, vocab_path, module, where["model"], where["log"],
+                                            seed, ["--daa_variant", variant]), f"{title}: train")
     if plateau:
         steps, values = plot_results.read_scalars(where["log"])["contrastive_loss"]
         fileio.write_json({"steps": steps.tolist(), "contrastive_loss": values.tolist()}, where["curve"])
         return
     if not os.path.isfile(where["sims"]):
-        run("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"),
-                                              "--data_path", data_path, "--vocab_path", vocab_path, "--split",
-                                              "testall", "--save_sims", where["sims"]], f"{title}: similarities")
+        run("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"), "--data_path", data_path,
+                              "--vocab_path", vocab_path, "--split", "testall", "--save_sims", where["sims"]],
+            f"{title}: similarities")
     score(run, where["sims"], where["evaluation"], where["pmrp"], data_path, ann_root, title)
 
 
