@@ -134,21 +134,25 @@ def _tie_bounds(values):
     return first, last
 
 
+def _twice_ranks(x, ties):
+    """Twice the descending rank of every item of each row of x (b, n): int64 (b, n), exact integers.
+
+    ties "last": 1 + #{a != c : x[a] >= x[c]} (a tied item ranks after everything it ties with);
+    ties "average": 1 + #{a : x[a] > x[c]} + 1/2 #{a != c : x[a] = x[c]}. In ascending order a block of
+    equal values spans positions first..last: #{x[a] < x[c]} = first, #{x[a] <= x[c]} = last + 1.
+    """
+    n = x.shape[1]
+    order, values = _sort_rows(x)
+    first, last = _tie_bounds(values)
+    in_order = 2 * (n - first) if ties == "last" else 2 * n - first - last
+    ranks = np.empty(x.shape, dtype=np.int64)
+    np.put_along_axis(ranks, order, in_order, axis=1)
+    return ranks
+
+
 def _asp_rows(s, r):
     """Sum over the rows of s and r (b, n) of min(rank_s, rank_r) / max(rank_s, rank_r) (a float)."""
-    n = s.shape[1]
-    # Twice the ranks, so that every rank is an exact integer. In ascending order a block of equal
-    # values spans positions first..last: #{a : x[a] < x[c]} = first, #{a : x[a] <= x[c]} = last + 1.
-    twice_rank = []
-    order, values = _sort_rows(s)
-    first, _ = _tie_bounds(values)
-    twice_rank.append((order, 2 * (n - first)))  # rank_s = #{a : s[a] >= s[c]}, c counting as the 1
-    order, values = _sort_rows(r)
-    first, last = _tie_bounds(values)
-    twice_rank.append((order, 2 * n - first - last))  # 2 (1 + #{>} + 1/2 #{=, != c}) = 2n - first - last
-    rank_s, rank_r = (np.empty(s.shape, dtype=np.int64) for _ in range(2))
-    for out, (order, ranks) in zip((rank_s, rank_r), twice_rank):
-        np.put_along_axis(out, order, ranks, axis=1)
+    rank_s, rank_r = _twice_ranks(s, "last"), _twice_ranks(r, "average")
     return float((np.minimum(rank_s, rank_r) / np.maximum(rank_s, rank_r)).sum())
 
 
