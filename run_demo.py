@@ -212,36 +212,30 @@ def main(argv=None):
         checkpoints[module] = os.path.join(model_dir, "model_best.pth.tar")
 
     files, rows = {}, []
-    for model in ("SGR", "SAF", "SGRAF"):
-        paths = [checkpoints["SGR"], checkpoints["SAF"]] if model == "SGRAF" else [checkpoints[model]]
-        names = {key: os.path.join("eval", f"{model}{suffix}") for key, suffix in
+    def evaluate(title, stem, matrix_args):
+        """evaluation.py (1K and 5K) and pmrp_evaluation.py (5 folds, whole split) of eval/{stem}.npy,
+        which `matrix_args(path)` makes (--save_sims) or reads (--sims); returns the files under out_dir."""
+        names = {key: os.path.join("eval", stem + suffix) for key, suffix in
                  (("sims", ".npy"), ("evaluation", ".json"), ("pmrp_1k", "_pmrp_1k.json"), ("pmrp_5k", "_pmrp_5k.json"))}
         where = {key: os.path.join(out_dir, name) for key, name in names.items()}
-        models = ["--model_path", paths[0]] + (["--model_path2", paths[1]] if len(paths) == 2 else [])
-        run_script("evaluation.py", models + ["--data_path", data_path, "--vocab_path", vocab_path,
-                                              "--split", "testall", "--fold5", "--save_sims", where["sims"],
-                                              "--json", where["evaluation"]],
-                   step(f"evaluate {model}: 1K and 5K"))
+        run_script("evaluation.py", matrix_args(where["sims"]) + ["--data_path", data_path, "--split", "testall",
+                                                                  "--fold5", "--json", where["evaluation"]],
+                   step(f"evaluate {title}: 1K and 5K"))
         for key, n_fold in (("pmrp_1k", 5), ("pmrp_5k", 0)):
             run_script("pmrp_evaluation.py", ["--path1", where["sims"], "--n_fold", n_fold, "--dataset_root", coco_root,
                                               "--ann_root", ann_root, "--json", where[key]],
-                       step(f"PMRP of {model}, {'5 folds' if n_fold else 'whole split'}"))
-        files[model] = names
+                       step(f"PMRP of {title}, {'5 folds' if n_fold else 'whole split'}"))
+        return names
+
+    for model in ("SGR", "SAF", "SGRAF"):
+        paths = [checkpoints["SGR"], checkpoints["SAF"]] if model == "SGRAF" else [checkpoints[model]]
+        models = ["--model_path", paths[0]] + (["--model_path2", paths[1]] if len(paths) == 2 else [])
+        files[model] = evaluate(model, model, lambda sims: models + ["--vocab_path", vocab_path, "--save_sims", sims])
     # The yardsticks, scored by the same commands: where the models stand between no knowledge and
     # everything an image can tell (content oracle) or the relevance itself.
     for name, path in save_reference_matrices(size, out_dir, data_path).items():
-        names = {"sims": os.path.relpath(path, out_dir)}
-        names.update({key: os.path.join("eval", f"{os.path.basename(path)[:-4]}{suffix}") for key, suffix in
-                      (("evaluation", ".json"), ("pmrp_1k", "_pmrp_1k.json"), ("pmrp_5k", "_pmrp_5k.json"))})
-        where = {key: os.path.join(out_dir, value) for key, value in names.items()}
-        run_script("evaluation.py", ["--sims", path, "--data_path", data_path, "--data_name", DATA_NAME,
-                                     "--split", "testall", "--fold5", "--json", where["evaluation"]],
-                   step(f"evaluate the {name}: 1K and 5K"))
-        for key, n_fold in (("pmrp_1k", 5), ("pmrp_5k", 0)):
-            run_script("pmrp_evaluation.py", ["--path1", path, "--n_fold", n_fold, "--dataset_root", coco_root,
-                                              "--ann_root", ann_root, "--json", where[key]],
-                       step(f"PMRP of the {name}, {'5 folds' if n_fold else 'whole split'}"))
-        files[name] = names
+        stem = os.path.basename(path)[:-len(".npy")]
+        files[name] = evaluate(f"the {name}", stem, lambda sims: ["--sims", sims, "--data_name", DATA_NAME])
     run_script("tools/plot_results.py", ["--logs"] + [os.path.join(out_dir, "logs", m) for m in ("SGR", "SAF")]
                + ["--out_dir", out_dir], step("training curves"))
 
