@@ -164,12 +164,28 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
             oracle = report["references"]["content oracle"][d]["asp"]
             assert group["asp_headroom_covered"][d] == pytest.approx(
                 100 * (group["mean"][d]["asp"] - off["mean"][d]["asp"]) / (oracle - off["mean"][d]["asp"]))
-    # The plateau runs were trained without warm-up at the stated settings, one per weight and seed.
-    for entry in report["plateau"]["weights"]:
+    # The plateau runs were trained without warm-up at the stated settings, one per weight and seed; their
+    # measures recomputed from the TensorBoard logs: the last epoch's full batches (13 iterations of 16, 16,
+    # ..., 8 captions per epoch) against 2 B m, the last dev rsum, and the difference from weight 0.
+    plateau = report["plateau"]
+    assert plateau["iterations_per_epoch"] == 13
+    measured = {}
+    for entry in plateau["weights"]:
         for run in entry["runs"]:
-            opt = checkpoint.load_checkpoint(
-                str(out_dir / "runs" / f"plateau_SAF_w{entry['daa_weight']:g}_seed{run['seed']}" / "model_best.pth.tar"))["opt"]
+            name = f"plateau_SAF_w{entry['daa_weight']:g}_seed{run['seed']}"
+            opt = checkpoint.load_checkpoint(str(out_dir / "runs" / name / "model_best.pth.tar"))["opt"]
             assert (opt.warmup_epochs, opt.daa_weight, opt.learning_rate) == (0, entry["daa_weight"], 0.0006)
+            scalars = plot_results.read_scalars(str(out_dir / "logs" / name))
+            steps, hinge = scalars["contrastive_loss"]
+            last_epoch = [v for k, v in zip(steps, hinge) if 13 < k < 26]  # iterations 14..25 of 26
+            assert len(last_epoch) == 12
+            assert run["hinge_above_2Bm"] == pytest.approx(np.mean(last_epoch) - 2 * 16 * 0.2, abs=1e-9)
+            assert run["dev_rsum"] == pytest.approx(scalars["r_sum"][1][-1], abs=1e-9)
+            measured[entry["daa_weight"]] = run
+        assert entry["hinge_above_2Bm"]["mean"] == pytest.approx(np.mean([r["hinge_above_2Bm"] for r in entry["runs"]]))
+    difference = plateau["weights"][1]["paired_difference"]["dev_rsum"]
+    assert difference["n"] == 1 and difference["ci95_low"] is None
+    assert difference["mean"] == pytest.approx(measured[25]["dev_rsum"] - measured[0]["dev_rsum"], abs=1e-9)
     tie = report["tie_reward"]
     assert tie["asp_soft"]["constant"] > tie["asp_soft"]["random"] + 0.05 and tie["asp_soft"]["relevance"] == 1.0
     assert tie["asp"]["constant"] == pytest.approx(0.5, abs=0.02)
@@ -200,3 +216,19 @@ def test_plateau_length_is_where_the_hinge_loss_leaves_the_collapse():
     assert ablation.plateau_length(steps, values, 32, 0.2) == steps[20]
     values[20:] = 0.95 * collapsed  # above 90 % of 2 B m: still collapsed
     assert ablation.plateau_length(steps, values, 32, 0.2) is None
+
+
+def test_plateau_measures_leave_out_each_epochs_smaller_last_batch():
+    """An epoch of 10 iterations whose last batch holds 8 captions of 32: its low hinge loss neither ends the
+    collapse nor lowers the last epoch's mean; rsum is the last validation's."""
+    from tools import ablation
+
+    collapsed = 2 * 32 * 0.2
+    steps = np.arange(1, 31)
+    hinge = np.where(steps % 10 == 0, 2 * 8 * 0.2, collapsed + 0.01 * (steps > 20))
+    curve = {"steps": steps.tolist(), "contrastive_loss": hinge.tolist(), "validation_steps": [10, 20, 30],
+             "r_sum": [40.0, 55.0, 61.5]}
+    measures = ablation.plateau_measures(curve, 32, 10)
+    assert measures["plateau_iterations"] is None
+    assert measures["hinge_above_2Bm"] == pytest.approx(0.01)
+    assert measures["dev_rsum"] == 61.5

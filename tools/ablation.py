@@ -12,14 +12,16 @@ The yardsticks (run_demo.save_reference_matrices: random and constant scores, th
 the relevance itself) are scored the same way, so each setting can be placed between the DAA-off
 model and the best an image-only model could do.
 
-A second experiment, PLATEAU, measures how long the collapse at the start of hardest-negative
-training lasts (every score equal, hinge loss at 2 B m) without warm-up, for DAA weights 0 / 10 / 25:
-DAA's soft ranks reward tied scores (asp_soft of a constant matrix is above that of random scores,
-measured in the report), so DAA may hold the model in the collapse.
+A second experiment, PLATEAU, measures the collapse at the start of hardest-negative training
+without warm-up (every score nearly equal, hinge loss at 2 B m) for DAA weights 0 / 10 / 25: DAA's soft
+ranks reward tied scores (asp_soft of a constant matrix is above that of random scores, measured in the
+report), so DAA may hold the model in the collapse. Per run: the iteration where the hinge loss leaves
+2 B m for good (if it does within the run), how far the last epoch's hinge loss sits above 2 B m (the
+hardest negative outscoring the positive), and the dev rsum at the end; paired by seed with weight 0.
 
 Writes {out_dir}/ablation.json and ablation.md: per-seed numbers, mean ± sample std, and each DAA
 setting's difference from weight 0 paired by seed (same initial weights and batch order) with a 95 %
-t-interval. A run whose last output (its PMRP JSON, or a plateau run's hinge-loss curve) exists is finished
+t-interval. A run whose last output (its PMRP JSON, or a plateau run's curves) exists is finished
 (outputs are written atomically) and is not redone, so an interrupted ablation continues where it
 stopped, also from the score files alone (checkpoints and matrices can be deleted); {out_dir}/settings.json guards against
 mixing runs made with other settings. `--jobs K` trains K runs at a time, each in its own process
@@ -38,6 +40,7 @@ import errors
 import fileio
 import run_demo
 from errors import InputError
+from layout import CAPTIONS_PER_IMAGE
 from tools import plot_results
 
 DIRECTIONS = ("i2t", "t2i")
@@ -64,6 +67,8 @@ PLATEAU = {
 # The collapse has ended at the first logged hinge loss below this share of 2 B m after which it stays there.
 PLATEAU_LEVEL = 0.9
 PLATEAU_STAY = 5  # logged points
+MARGIN = 0.2  # train.py's default --margin, which every run here uses
+PLATEAU_MEASURES = ("hinge_above_2Bm", "dev_rsum")
 
 
 def setting_name(module, weight, variant):
@@ -96,7 +101,7 @@ def paths(out_dir, name, seed):
             "sims": os.path.join(out_dir, "eval", run + ".npy"),
             "evaluation": os.path.join(out_dir, "eval", run + ".json"),
             "pmrp": os.path.join(out_dir, "eval", run + "_pmrp.json"),
-            "curve": os.path.join(out_dir, "eval", run + "_hinge.json")}
+            "curve": os.path.join(out_dir, "eval", run + "_plateau.json")}
 
 
 def score(run, sims, evaluation_json, pmrp_json, data_path, ann_root, title):
@@ -116,7 +121,7 @@ def read_scores(evaluation_json, pmrp_json):
 
 
 def finished(where, plateau):
-    """A run is done when its last output exists: the PMRP JSON, or for a plateau run its loss curve."""
+    """A run is done when its last output exists: the PMRP JSON, or for a plateau run its curves."""
     return os.path.isfile(where["curve"] if plateau else where["pmrp"])
 
 
@@ -139,8 +144,10 @@ def execute(job):
         run("train.py", run_demo.train_args(size, training, data_path, vocab_path, module, where["model"], where["log"],
                                             seed, ["--daa_variant", variant]), f"{title}: train")
     if plateau:
-        steps, values = plot_results.read_scalars(where["log"])["contrastive_loss"]
-        fileio.write_json({"steps": steps.tolist(), "contrastive_loss": values.tolist()}, where["curve"])
+        scalars = plot_results.read_scalars(where["log"])
+        (steps, hinge), (val_steps, rsum) = scalars["contrastive_loss"], scalars["r_sum"]
+        fileio.write_json({"steps": steps.tolist(), "contrastive_loss": hinge.tolist(),
+                           "validation_steps": val_steps.tolist(), "r_sum": rsum.tolist()}, where["curve"])
         return
     if not os.path.isfile(where["sims"]):
         run("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"), "--data_path", data_path,
@@ -168,26 +175,53 @@ def summarise(values):
     return stat(np.mean), stat(lambda v: v.std(ddof=1) if len(v) > 1 else 0.0)
 
 
+def t_interval(values):
+    """Mean, sample std and 95 % t-interval (None, None from one value) of a 1-D sequence."""
+    values = np.asarray(values, dtype=np.float64)
+    n, mean = len(values), float(values.mean())
+    if n < 2:
+        return mean, 0.0, None, None
+    std = float(values.std(ddof=1))
+    half = float(scipy.stats.t.ppf(0.975, n - 1) * std / np.sqrt(n))
+    return mean, std, mean - half, mean + half
+
+
 def paired(on, off):
     """Mean, std and 95 % t-interval of the per-seed differences on - off (lists of run dicts, same seeds)."""
-    differences = [{d: {m: a[d][m] - b[d][m] for m in METRICS} for d in DIRECTIONS} for a, b in zip(on, off)]
-    mean, std = summarise(differences)
-    n = len(differences)
-    if n < 2:  # no interval from one pair
-        return {"n": n, "mean": mean, "std": std, "ci95_low": None, "ci95_high": None}
-    half = {d: {m: float(scipy.stats.t.ppf(0.975, n - 1) * std[d][m] / np.sqrt(n)) for m in METRICS} for d in DIRECTIONS}
-    return {"n": n, "mean": mean, "std": std, "ci95_low": {d: {m: mean[d][m] - half[d][m] for m in METRICS} for d in DIRECTIONS},
-            "ci95_high": {d: {m: mean[d][m] + half[d][m] for m in METRICS} for d in DIRECTIONS}}
+    stats = {d: {m: t_interval([a[d][m] - b[d][m] for a, b in zip(on, off)]) for m in METRICS} for d in DIRECTIONS}
+
+    def part(k):
+        return {d: {m: stats[d][m][k] for m in METRICS} for d in DIRECTIONS}
+    interval = len(on) > 1  # no interval from one pair
+    return {"n": len(on), "mean": part(0), "std": part(1), "ci95_low": part(2) if interval else None,
+            "ci95_high": part(3) if interval else None}
+
+
+def full_batch_points(steps, values, iterations_per_epoch):
+    """The logged points (steps, values) less those of each epoch's last batch, which may be smaller."""
+    steps, values = np.asarray(steps), np.asarray(values)
+    keep = steps % iterations_per_epoch != 0
+    return steps[keep], values[keep]
 
 
 def plateau_length(steps, values, batch_size, margin):
-    """Iterations until the hinge loss (values at steps) leaves the collapse (2 B m), or None if it never did."""
+    """Iterations until the hinge loss (values at steps, full batches) leaves the collapse (2 B m) for good,
+    or None if it never did."""
     values = np.asarray(values)
     below = values < PLATEAU_LEVEL * 2 * batch_size * margin
     for k in range(len(values)):
         if below[k:k + PLATEAU_STAY].all() and k + PLATEAU_STAY <= len(values):
             return int(steps[k])
     return None
+
+
+def plateau_measures(curve, batch_size, iterations_per_epoch):
+    """One plateau run's curves -> its plateau length, the last epoch's mean hinge loss above 2 B m, the last dev rsum."""
+    steps, hinge = full_batch_points(curve["steps"], curve["contrastive_loss"], iterations_per_epoch)
+    last_epoch = steps > steps[-1] - steps[-1] % iterations_per_epoch
+    return {"plateau_iterations": plateau_length(steps, hinge, batch_size, MARGIN),
+            "hinge_above_2Bm": float(hinge[last_epoch].mean() - 2 * batch_size * MARGIN),
+            "dev_rsum": float(curve["r_sum"][-1])}
 
 
 def tie_reward(data_path, batch=128, seed=0):
@@ -238,20 +272,30 @@ def report_of(args, size, settings):
         group["asp_headroom_covered"] = {d: 100 * (group["mean"][d]["asp"] - off["mean"][d]["asp"])
                                          / (oracle[d]["asp"] - off["mean"][d]["asp"]) for d in DIRECTIONS}
     training = dict(run_demo.TRAINING[size], **PLATEAU[size]["training"])
+    captions = run_demo.SIZES[size]["n_train"] * CAPTIONS_PER_IMAGE
+    # data.train_loader drops a last batch of one caption, else keeps the smaller last batch
+    iterations_per_epoch = captions // training["batch_size"] + (captions % training["batch_size"] > 1)
     plateau = []
     for weight in PLATEAU[size]["weights"]:
         runs = []
         for name, _, w, _, seed in plateau_runs(size):
             where = paths(args.out_dir, name, seed)
             if w == weight and finished(where, plateau=True):
-                curve = fileio.read_json(where["curve"], "hinge loss curve")
-                length = plateau_length(curve["steps"], curve["contrastive_loss"], training["batch_size"], 0.2)
-                runs.append({"seed": seed, "plateau_iterations": length})
-        plateau.append({"daa_weight": weight, "runs": runs})
+                curve = fileio.read_json(where["curve"], "plateau curves")
+                runs.append(dict(plateau_measures(curve, training["batch_size"], iterations_per_epoch), seed=seed))
+        plateau.append({"daa_weight": weight, "runs": runs,
+                        **{m: dict(zip(("mean", "std"), t_interval([r[m] for r in runs]))) for m in PLATEAU_MEASURES if runs}})
+    off = {r["seed"]: r for r in plateau[0]["runs"]}
+    for entry in plateau[1:]:
+        on = [r for r in entry["runs"] if r["seed"] in off]
+        if on:
+            entry["paired_difference"] = {m: dict(zip(("mean", "std", "ci95_low", "ci95_high"),
+                                                      t_interval([r[m] - off[r["seed"]][m] for r in on])), n=len(on))
+                                          for m in PLATEAU_MEASURES}
     n_images = run_demo.SIZES[size]["n_testall"]
     return {"scope": f"synthetic COCO testall, all {n_images} images", "settings": settings, "references": references,
             "groups": groups, "plateau": {"training": training, "level": PLATEAU_LEVEL, "stay": PLATEAU_STAY,
-                                          "weights": plateau},
+                                          "iterations_per_epoch": iterations_per_epoch, "weights": plateau},
             "tie_reward": tie_reward(data_path)}
 
 
@@ -277,12 +321,26 @@ def markdown(report):
     lines += [f"- {label(g)}: {g['asp_headroom_covered']['i2t']:.1f} % / {g['asp_headroom_covered']['t2i']:.1f} %"
               for g in report["groups"] if g["daa_weight"]]
     p = report["plateau"]
-    lines += ["", f"Collapse plateau without warm-up (SAF, lr {p['training']['learning_rate']}, batch "
-              f"{p['training']['batch_size']}): iterations until the hinge loss stays below {p['level']} × 2Bm "
-              f"(— = not within {p['training']['num_epochs']} epochs):", ""]
+    lines += ["", f"Collapse without warm-up (SAF, lr {p['training']['learning_rate']}, batch {p['training']['batch_size']}, "
+              f"{p['training']['num_epochs']} epochs of {p['iterations_per_epoch']} iterations): the iteration where the "
+              f"hinge loss stays below {p['level']} × 2Bm (— = not within the run); the last epoch's hinge loss above "
+              f"2Bm and the last dev rsum, mean ± std, and their difference from weight 0 paired by seed [95 % t-interval]:",
+              ""]
     for w in p["weights"]:
-        lines.append(f"- DAA weight {w['daa_weight']:g}: " + ", ".join(
-            f"seed {r['seed']}: {'—' if r['plateau_iterations'] is None else r['plateau_iterations']}" for r in w["runs"]))
+        if not w["runs"]:
+            continue
+        line = (f"- DAA weight {w['daa_weight']:g}: left the collapse at " + ", ".join(
+            "—" if r["plateau_iterations"] is None else str(r["plateau_iterations"]) for r in w["runs"])
+            + f" (seeds {', '.join(str(r['seed']) for r in w['runs'])}); hinge above 2Bm "
+            f"{w['hinge_above_2Bm']['mean']:.4f} ± {w['hinge_above_2Bm']['std']:.4f}, dev rsum "
+            f"{w['dev_rsum']['mean']:.1f} ± {w['dev_rsum']['std']:.1f}")
+        if "paired_difference" in w:
+            digits = {"hinge_above_2Bm": 4, "dev_rsum": 1}
+            line += "; − weight 0: " + ", ".join(
+                f"{m} {d['mean']:+.{digits[m]}f} " + (f"[{d['ci95_low']:+.{digits[m]}f}, {d['ci95_high']:+.{digits[m]}f}]"
+                                                      if d["ci95_low"] is not None else "[one pair]")
+                for m, d in w["paired_difference"].items())
+        lines.append(line)
     t = report["tie_reward"]
     lines += ["", f"DAA's surrogate rewards ties (one training batch of {t['batch']}): asp_soft constant "
               f"{t['asp_soft']['constant']:.3f}, random {t['asp_soft']['random']:.3f}, relevance "
