@@ -205,6 +205,14 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     assert len(err) == 1 and "other settings" in err[0]
 
 
+def test_ablation_refuses_a_thread_count_below_one_before_writing(tmp_path, capsys):
+    from tools import ablation
+
+    assert errors.run(ablation.main, ["--threads", "0", "--out_dir", str(tmp_path / "ablation")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --threads must be at least 1 (got 0)"] and not (tmp_path / "ablation").exists()
+
+
 def test_plateau_length_is_where_the_hinge_loss_leaves_the_collapse():
     from tools import ablation
 

@@ -1,6 +1,6 @@
 """What DAA does on the synthetic data, at the published weights, over seeds, against the data's yardsticks.
 
-    python -m tools.ablation [--out_dir ablation_output] [--jobs 2]
+    python -m tools.ablation [--out_dir ablation_output] [--jobs 2] [--threads 1]
     python -m tools.plot_results --ablation ablation_output/ablation.json --out_dir assets
 
 On the demo's synthetic COCO (run_demo.SIZES["full"], written once into --out_dir) and with the demo's
@@ -25,7 +25,7 @@ t-interval. A run whose last output (its PMRP JSON, or a plateau run's curves) e
 (outputs are written atomically) and is not redone, so an interrupted ablation continues where it
 stopped, also from the score files alone (checkpoints and matrices can be deleted); {out_dir}/settings.json guards against
 mixing runs made with other settings. `--jobs K` trains K runs at a time, each in its own process
-with cores / K threads.
+with cores / K threads (or --threads): the float sums, and so the runs, depend on the thread count.
 """
 import multiprocessing
 import os
@@ -360,7 +360,10 @@ def build_parser():
                                           "plateau; yardsticks from the content oracle.")
     p.add_argument("--out_dir", default="ablation_output", help="data, runs, evaluations and the report")
     p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at a time, each in its own process with cores / jobs threads (default 1)")
+                   help="runs trained at a time, each in its own process with cores / jobs threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default cores / jobs); the saved runs used 1, and the scores "
+                        "reproduce bit for bit only at the same count")
     p.add_argument("--quick", action="store_true", help="run_demo's tiny sizes and a small grid (for tests)")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: write the report from the runs finished so far (e.g. of a stopped ablation)")
@@ -373,6 +376,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.jobs < 1:
         raise InputError(f"--jobs must be at least 1 (got {args.jobs})")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1 (got {args.threads})")
     size = "quick" if args.quick else "full"
     run_script = run_demo.Runner(args.in_process)
     fileio.check_output(args.out_dir, folder=True)
@@ -397,7 +402,7 @@ def main(argv=None):
     entries = GRID[size]
     runs = ([(run, False) for run in grid_runs(entries[:PLATEAU_AFTER])] + [(run, True) for run in plateau_runs(size)]
             + [(run, False) for run in grid_runs(entries[PLATEAU_AFTER:])])
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     # a worker process makes its runs in-process: no interpreter start-up per step
     in_process = args.in_process or args.jobs > 1
     jobs = [(args.out_dir, size, run, plateau, in_process, threads, f"[{k + 1}/{len(runs)}] {run[0]}, seed {run[4]}")
