@@ -40,7 +40,6 @@ import errors
 import fileio
 import run_demo
 from errors import InputError
-from layout import CAPTIONS_PER_IMAGE
 from tools import plot_results
 
 DIRECTIONS = ("i2t", "t2i")
@@ -168,33 +167,33 @@ def run_all(jobs, n_parallel):
             pass
 
 
-def summarise(values):
-    """Mean and sample std (ddof 1; 0 for one run) of run dicts {"i2t": {metric}, "t2i": {metric}}."""
-    def stat(fn):
-        return {d: {m: float(fn(np.array([v[d][m] for v in values]))) for m in METRICS} for d in DIRECTIONS}
-    return stat(np.mean), stat(lambda v: v.std(ddof=1) if len(v) > 1 else 0.0)
-
-
 def t_interval(values):
-    """Mean, sample std and 95 % t-interval (None, None from one value) of a 1-D sequence."""
+    """{"n", "mean", "std" (sample; 0 for one value), "ci95_low", "ci95_high" (95 % t-interval; None for one
+    value)} of a 1-D sequence."""
     values = np.asarray(values, dtype=np.float64)
     n, mean = len(values), float(values.mean())
     if n < 2:
-        return mean, 0.0, None, None
+        return {"n": n, "mean": mean, "std": 0.0, "ci95_low": None, "ci95_high": None}
     std = float(values.std(ddof=1))
     half = float(scipy.stats.t.ppf(0.975, n - 1) * std / np.sqrt(n))
-    return mean, std, mean - half, mean + half
+    return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def summarise(runs):
+    """t_interval of every metric over run dicts {"i2t": {metric}, "t2i": {metric}}, as {"n", "mean": {"i2t":
+    {metric}, "t2i": {...}}, "std", "ci95_low", "ci95_high"} (the last two None for one run)."""
+    stats = {d: {m: t_interval([r[d][m] for r in runs]) for m in METRICS} for d in DIRECTIONS}
+    summary = {"n": len(runs)}
+    for key in ("mean", "std", "ci95_low", "ci95_high"):
+        summary[key] = {d: {m: stats[d][m][key] for m in METRICS} for d in DIRECTIONS}
+    if len(runs) < 2:  # no interval from one run
+        summary["ci95_low"] = summary["ci95_high"] = None
+    return summary
 
 
 def paired(on, off):
-    """Mean, std and 95 % t-interval of the per-seed differences on - off (lists of run dicts, same seeds)."""
-    stats = {d: {m: t_interval([a[d][m] - b[d][m] for a, b in zip(on, off)]) for m in METRICS} for d in DIRECTIONS}
-
-    def part(k):
-        return {d: {m: stats[d][m][k] for m in METRICS} for d in DIRECTIONS}
-    interval = len(on) > 1  # no interval from one pair
-    return {"n": len(on), "mean": part(0), "std": part(1), "ci95_low": part(2) if interval else None,
-            "ci95_high": part(3) if interval else None}
+    """summarise of the per-seed differences on - off (lists of run dicts, same seeds)."""
+    return summarise([{d: {m: a[d][m] - b[d][m] for m in METRICS} for d in DIRECTIONS} for a, b in zip(on, off)])
 
 
 def full_batch_points(steps, values, iterations_per_epoch):
@@ -262,7 +261,8 @@ def report_of(args, size, settings):
     groups = [g for g in groups if g["runs"]]
     oracle = references["content oracle"]
     for group in groups:
-        group["mean"], group["std"] = summarise(group["runs"])
+        summary = summarise(group["runs"])
+        group["mean"], group["std"] = summary["mean"], summary["std"]
         off = by_setting[setting_name(group["module"], 0, None)]
         if group is not off:
             off_by_seed = {r["seed"]: r for r in off["runs"]}
@@ -272,26 +272,26 @@ def report_of(args, size, settings):
         group["asp_headroom_covered"] = {d: 100 * (group["mean"][d]["asp"] - off["mean"][d]["asp"])
                                          / (oracle[d]["asp"] - off["mean"][d]["asp"]) for d in DIRECTIONS}
     training = dict(run_demo.TRAINING[size], **PLATEAU[size]["training"])
-    captions = run_demo.SIZES[size]["n_train"] * CAPTIONS_PER_IMAGE
-    # data.train_loader drops a last batch of one caption, else keeps the smaller last batch
-    iterations_per_epoch = captions // training["batch_size"] + (captions % training["batch_size"] > 1)
+    curves = {(w, seed): fileio.read_json(paths(args.out_dir, name, seed)["curve"], "plateau curves")
+              for name, _, w, _, seed in plateau_runs(size) if finished(paths(args.out_dir, name, seed), plateau=True)}
+    # train.py validates at the end of every epoch (and only then, here): the first validation's step is the
+    # number of iterations in an epoch, the last of which may be a smaller batch
+    iterations_per_epoch = next((curve["validation_steps"][0] for curve in curves.values()), None)
     plateau = []
     for weight in PLATEAU[size]["weights"]:
-        runs = []
-        for name, _, w, _, seed in plateau_runs(size):
-            where = paths(args.out_dir, name, seed)
-            if w == weight and finished(where, plateau=True):
-                curve = fileio.read_json(where["curve"], "plateau curves")
-                runs.append(dict(plateau_measures(curve, training["batch_size"], iterations_per_epoch), seed=seed))
-        plateau.append({"daa_weight": weight, "runs": runs,
-                        **{m: dict(zip(("mean", "std"), t_interval([r[m] for r in runs]))) for m in PLATEAU_MEASURES if runs}})
+        runs = [dict(plateau_measures(curve, training["batch_size"], iterations_per_epoch), seed=seed)
+                for (w, seed), curve in curves.items() if w == weight]
+        entry = {"daa_weight": weight, "runs": runs}
+        if runs:
+            for m in PLATEAU_MEASURES:
+                spread = t_interval([r[m] for r in runs])
+                entry[m] = {"mean": spread["mean"], "std": spread["std"]}
+        plateau.append(entry)
     off = {r["seed"]: r for r in plateau[0]["runs"]}
     for entry in plateau[1:]:
         on = [r for r in entry["runs"] if r["seed"] in off]
         if on:
-            entry["paired_difference"] = {m: dict(zip(("mean", "std", "ci95_low", "ci95_high"),
-                                                      t_interval([r[m] - off[r["seed"]][m] for r in on])), n=len(on))
-                                          for m in PLATEAU_MEASURES}
+            entry["paired_difference"] = {m: t_interval([r[m] - off[r["seed"]][m] for r in on]) for m in PLATEAU_MEASURES}
     n_images = run_demo.SIZES[size]["n_testall"]
     return {"scope": f"synthetic COCO testall, all {n_images} images", "settings": settings, "references": references,
             "groups": groups, "plateau": {"training": training, "level": PLATEAU_LEVEL, "stay": PLATEAU_STAY,
