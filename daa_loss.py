@@ -47,12 +47,13 @@ class SemanticRelevance:
     def __init__(self, captions, captions_per_image=5, source="captions"):
         if len(captions) % captions_per_image:
             raise InputError(f"{source}: {len(captions)} captions is not a multiple of {captions_per_image}")
+        self.vectorizer, self.tfidf = CountVectorizer(), TfidfTransformer()
         try:
-            counts = CountVectorizer().fit_transform(captions)
+            counts = self.vectorizer.fit_transform(captions)
         except ValueError:  # scikit-learn's "empty vocabulary": no token of two or more letters or digits
             raise InputError(f"{source}: no caption has a word of two or more characters; "
                              f"the TF-IDF relevance needs words") from None
-        self.caption_rows = TfidfTransformer().fit_transform(counts).astype(np.float32).tocsr()  # (n_caps, V)
+        self.caption_rows = self.tfidf.fit_transform(counts).astype(np.float32).tocsr()  # (n_caps, V)
         n_images = len(captions) // captions_per_image
         averaging = scipy.sparse.csr_matrix(
             (np.full(len(captions), 1.0 / captions_per_image, dtype=np.float32),
@@ -60,6 +61,11 @@ class SemanticRelevance:
             shape=(n_images, len(captions)))
         self.image_rows = (averaging @ self.caption_rows).tocsr()  # (n_images, V)
         self.n_images, self.n_captions = n_images, len(captions)
+
+    def tfidf_rows(self, captions):
+        """l2-normalised TF-IDF rows, float64 sparse (len(captions), V), of any captions in this split's
+        vocabulary and idf (words the split never uses are dropped)."""
+        return self.tfidf.transform(self.vectorizer.transform(captions))
 
     def block(self, image_ids, caption_ids):
         """Relevance of the given images to the given captions: float32 (len(image_ids), len(caption_ids))."""

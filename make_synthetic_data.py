@@ -29,7 +29,6 @@ import os
 import sys
 
 import numpy as np
-from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
 
 import errors
 import fileio
@@ -241,18 +240,18 @@ def content_oracle(opt, data_name="coco_precomp", split="testall", n_samples=100
 
     Image i vs caption j gets the relevance image i would have to caption j in expectation over the
     captions the generator could write for it: c_i = mean TF-IDF row of `n_samples` captions drawn for
-    image i's scene and objects, score = c_i . t_j, with the TF-IDF fitted on the split's captions as
-    the relevance M is (with the image's own 5 captions in place of the samples this is M itself). A
+    image i's scene and objects, score = c_i . t_j, in the TF-IDF the relevance M fits on the split's
+    captions (daa_loss.SemanticRelevance; with the image's own 5 captions for the samples this is M). A
     model that sees only the image cannot know more, so the oracle's ASP is the headroom of training.
     """
+    from daa_loss import SemanticRelevance  # here, not at the top: writing the data needs no torch
+
     images, lines = next((im, ln) for name, sp, im, ln, _ in draw_datasets(opt) if (name, sp) == (data_name, split))
-    counter = CountVectorizer().fit(lines)
-    tfidf = TfidfTransformer().fit(counter.transform(lines))
-    caption_rows = tfidf.transform(counter.transform(lines))  # (n_captions, V), l2-normalised rows
+    relevance = SemanticRelevance(lines, CAPTIONS_PER_IMAGE, f"{data_name} {split}")
     rng = np.random.default_rng(seed)
-    expected = np.stack([np.asarray(tfidf.transform(counter.transform(
-        [caption(rng, image) for _ in range(n_samples)])).mean(axis=0)).ravel() for image in images])
-    return np.asarray(caption_rows @ expected.T).T.astype(np.float32)
+    expected = np.stack([np.asarray(relevance.tfidf_rows([caption(rng, image) for _ in range(n_samples)]).mean(axis=0)).ravel()
+                         for image in images])  # (n_images, V)
+    return np.asarray(relevance.tfidf_rows(lines) @ expected.T).T.astype(np.float32)
 
 
 def write_coco_annotations(rng, ann_dir, image_ids, images, lines):
