@@ -235,14 +235,40 @@ def validate(opt, model, val_loaders, device, writer, step):
     return metrics["rsum"]
 
 
-def checkpoint_state(opt, model, optimizer, scaler, vocab, epoch, best_rsum, iterations):
-    """The original's checkpoint keys plus what an exact resume needs (all plain types)."""
+def rng_state():
+    """This process's random number generators (dropout): {'torch': CPU state, 'cuda': [per GPU]}, tensors."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"epoch": epoch, "model": [add_module_prefix(state) for state in unwrap(model).state_dicts()],
-            "best_rsum": best_rsum, "opt": opt, "Eiters": iterations, "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng, "vocab": dict(vocab.word2idx)}
+    return rng
+
+
+def restore_rng_state(rng, device):
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def every_rank_rng_state(distributed):
+    """Every process's rng_state(), in rank order, on rank 0 (None on the others); None in a one-process
+    run. Every rank must call it: each process draws its own dropout, so an exact resume of K processes
+    needs all K states, and only rank 0 writes the checkpoint."""
+    if not distributed:
+        return None
+    states = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(rng_state(), states, dst=0)
+    return states
+
+
+def checkpoint_state(opt, model, optimizer, scaler, vocab, epoch, best_rsum, iterations, rng_ranks):
+    """The original's checkpoint keys plus what an exact resume needs (all plain types): `rng` is this
+    process's (rank 0's) RNG state, `rng_ranks` (runs of K > 1 processes only) every rank's."""
+    state = {"epoch": epoch, "model": [add_module_prefix(state) for state in unwrap(model).state_dicts()],
+             "best_rsum": best_rsum, "opt": opt, "Eiters": iterations, "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "rng": rng_state(), "vocab": dict(vocab.word2idx)}
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
+    return state
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,11 +308,13 @@ def train_process(rank, opt, init_method):
             optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt.get("scaler", {}))
         start_epoch, best_rsum, iterations = ckpt["epoch"], ckpt["best_rsum"], ckpt["Eiters"]
-    if opt.resume and rank == 0 and "rng" in ckpt:
+    rng_ranks = ckpt.get("rng_ranks", []) if opt.resume else []
+    if len(rng_ranks) == process_count(opt):
+        # every rank's RNG state is in the checkpoint (a run of as many processes): each continues its own
+        restore_rng_state(rng_ranks[rank], device)
+    elif opt.resume and rank == 0 and "rng" in ckpt:
         # rank 0's RNG state is in the checkpoint: a single-process resume continues bit for bit
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        restore_rng_state(ckpt["rng"], device)
     else:
         # dropout differs between ranks, as with independent GPUs, and between resumed epochs
         torch.manual_seed(opt.seed + 1 + rank + 1000 * start_epoch)
@@ -300,9 +328,9 @@ def train_process(rank, opt, init_method):
         writer = SummaryWriter(opt.logger_name, purge_step=iterations + 1 if opt.resume else None)
         log.info("options: %s", vars(opt))
 
-    def save(name, epoch):
-        save_checkpoint(checkpoint_state(opt, model, optimizer, scaler, vocab, epoch, best_rsum, iterations),
-                        os.path.join(opt.model_name, name))
+    def save(name, epoch, rng_ranks):
+        save_checkpoint(checkpoint_state(opt, model, optimizer, scaler, vocab, epoch, best_rsum, iterations,
+                                         rng_ranks), os.path.join(opt.model_name, name))
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opt.amp)
     for epoch in range(start_epoch, opt.num_epochs):
@@ -345,12 +373,13 @@ def train_process(rank, opt, init_method):
                 validate(opt, model, val_loaders, device, writer, iterations)
         # end of epoch: validate, then save checkpoint_{epoch} and, when best, model_best
         rsum = validate(opt, model, val_loaders, device, writer, iterations)
+        rng_ranks = every_rank_rng_state(distributed)
         if rank == 0:
             is_best = rsum > best_rsum
             best_rsum = max(rsum, best_rsum)
-            save(f"checkpoint_{epoch}.pth.tar", epoch + 1)
+            save(f"checkpoint_{epoch}.pth.tar", epoch + 1, rng_ranks)
             if is_best:
-                save("model_best.pth.tar", epoch + 1)
+                save("model_best.pth.tar", epoch + 1, rng_ranks)
     if rank == 0:
         writer.close()
         log.info("done: best rsum %.2f, checkpoints in %s", best_rsum, opt.model_name)
@@ -359,8 +388,9 @@ def train_process(rank, opt, init_method):
         dist.destroy_process_group()
 
 
-def spawned_process(rank, opt, init_method):
-    """Entry point of a process started by --world_size: turn failures into one line and an exit code."""
+def distributed_process(rank, opt, init_method):
+    """Entry point of one process of a K-process run, started by --world_size or by torchrun (one or
+    several machines): turn failures into one line and an exit code, never a traceback."""
     try:
         train_process(rank, opt, init_method)
     except InputError as err:
@@ -415,11 +445,11 @@ def main(argv=None):
         return
 
     if launched_by_torchrun():
-        train_process(int(os.environ["RANK"]), opt, "env://")
+        distributed_process(int(os.environ["RANK"]), opt, "env://")
     elif opt.world_size > 1:
         init_method = f"tcp://127.0.0.1:{free_port()}"
         try:
-            processes = mp.spawn(spawned_process, args=(opt, init_method), nprocs=opt.world_size, join=False)
+            processes = mp.spawn(distributed_process, args=(opt, init_method), nprocs=opt.world_size, join=False)
             # When one process fails, the others get 2 s to leave, then SIGTERM, then SIGKILL (the default 30 s
             # per step would keep a hung peer alive for a minute; checkpoints are atomic, nothing is lost).
             while not processes.join(grace_period=2):

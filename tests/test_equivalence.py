@@ -152,13 +152,18 @@ def test_two_process_step_equals_the_original_with_pooled_statistics(synth, tmp_
     """
     torch.multiprocessing.spawn(ddp_worker, args=(f"tcp://127.0.0.1:{distributed.free_port()}", synth, str(tmp_path)),
                                 nprocs=2)
+    assert_two_process_results_equal_the_original(synth, tmp_path)
+
+
+def assert_two_process_results_equal_the_original(synth, out_dir):
+    """What ddp_worker's two processes wrote to `out_dir` against the restatement fed both batches."""
     dataset, vocab = training_data(synth)
     batches = drawn_items(dataset, 2)
     for module_name, variant, extra in CONFIGS:
         opt, model = fresh_model(module_name, extra, 2, len(vocab))
         before = state(model)
         r_losses, r_grads, r_norm = restated_step(model, opt, batches, dataset.relevance, variant)
-        ranks = [torch.load(tmp_path / f"{module_name}_{variant}_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+        ranks = [torch.load(out_dir / f"{module_name}_{variant}_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
         for rank, result in enumerate(ranks):  # each rank's own loss terms; the same gradient on both
             assert_same_gradients((result["losses"], result["grads"], result["norm"]),
                                   (r_losses[rank], r_grads, r_norm))
