@@ -214,8 +214,14 @@ def validate(opt, model, val_loaders, device, writer, step):
 
     Every rank takes part: each scores its share of the (images x captions) matrix and rank 0 gathers
     it (evaluation.compute_sims), so K processes validate K times faster instead of K times over.
-    Other ranks get None.
+    Other ranks get None. Every rank scores with rank 0's BatchNorm statistics, the ones the checkpoint
+    holds, so that validation finds what one process's evaluation of the checkpoint finds.
     """
+    if dist.is_initialized():
+        # Statistics kept per process (VisualSA's on CPUs) differ by each rank's last batch. Training is not
+        # changed by this: DDP gives every rank rank 0's buffers at the start of each training forward anyway.
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
     image_loader, caption_loader, val_set = val_loaders
     metrics = evaluation.validate(unwrap(model), image_loader, caption_loader, val_set.relevance, device,
                                   precision_name=opt.precision)

@@ -31,12 +31,18 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 import checkpoint
+import data
+import distributed
 import errors
 import evaluation
+import opts
 import train
 from distributed import free_port
+from model import SimilarityModel
+from vocab import deserialize_vocab
 from tests.conftest import ROOT
 from tests.test_equivalence import assert_two_process_results_equal_the_original, ddp_worker
 from tests.test_reliability import training_state_differences
@@ -177,6 +183,43 @@ def test_validation_on_two_nodes_is_one_process_evaluation(uninterrupted, synth,
     assert logged == [f"{rsum:.1f}" for rsum in rsums[:2]]
     assert checkpoint.load_checkpoint(str(folder / "model_best.pth.tar"))["best_rsum"] == pytest.approx(rsums[2],
                                                                                                      abs=1e-9)
+
+
+def validating_worker(rank, init_method, synth, out_dir):
+    """One of two gloo processes as --world_size 2 sets them up: a training forward and backward on its own
+    batch (VisualSA's running statistics then differ between the ranks), then train.validate; writes its
+    buffers before and after validating to out_dir/buffers{rank}.pt."""
+    distributed.init_group(rank, 2, init_method, "cpu", timeout_s=DIST_TIMEOUT_S, threads=1)
+    try:
+        opt = opts.parse_opt(train_argv(synth) + ["--world_size", "2"])
+        vocab = deserialize_vocab(train.vocab_file(opt))
+        opt.vocab_size = len(vocab)
+        torch.manual_seed(opt.seed)
+        model = train.distribute(SimilarityModel(opt), torch.device("cpu"))
+        images, captions, lengths, _, _, _ = next(iter(data.get_train_loader(opt, vocab, distributed=True)))
+        model(images, captions, lengths).sum().backward()
+        buffers = {"before": {name: b.clone() for name, b in train.unwrap(model).named_buffers()}}
+        val_loaders = data.get_eval_loaders(opt.data_path, opt.data_name, "dev", vocab, opt.batch_size, 0)
+        no_writer = types.SimpleNamespace(add_scalar=lambda *args: None, flush=lambda: None)
+        train.validate(opt, model, val_loaders, torch.device("cpu"), no_writer, 0)
+        buffers["after"] = dict(train.unwrap(model).named_buffers())
+        torch.save(buffers, f"{out_dir}/buffers{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_validation_scores_every_share_with_rank_0s_statistics(synth, tmp_path):
+    """Each rank scores its shards of the dev matrix with its own model: with rank 0's BatchNorm statistics
+    (the checkpoint's) on every rank, the gathered matrix is one process's (tests/test_train.py shows that
+    for identical models). A rank's own VisualSA statistics would move its shards' scores (measured with
+    10 x 10 shards after one such step: up to 7e-6)."""
+    torch.multiprocessing.spawn(validating_worker, args=(f"tcp://127.0.0.1:{free_port()}", synth, str(tmp_path)),
+                                nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"buffers{rank}.pt", weights_only=True) for rank in (0, 1))
+    differing = [name for name, b in rank0["before"].items() if not torch.equal(b, rank1["before"][name])]
+    assert differing and all("v_global_w" in name for name in differing), differing
+    for name, value in rank0["after"].items():
+        assert torch.equal(value, rank0["before"][name]) and torch.equal(rank1["after"][name], value), name
 
 
 # ------------------------------------------------------------------------------------------------
