@@ -132,16 +132,21 @@ def ddp_worker(rank, init_method, synth, out_dir):
     distributed.init_group(rank, 2, init_method, "cpu", timeout_s=120)  # a lost peer ends the test, not CI
     torch.set_num_threads(1)
     try:
-        dataset, vocab = training_data(synth)
-        items = drawn_items(dataset, 2)[rank]
-        for module_name, variant, extra in CONFIGS:
-            opt, model = fresh_model(module_name, extra, 2, len(vocab))
-            model = train.distribute(model, torch.device("cpu"))
-            losses, grads, norm = project_step(opt, model, items, dataset.relevance)
-            torch.save({"losses": losses, "grads": grads, "norm": norm, "state": state(model)},
-                       f"{out_dir}/{module_name}_{variant}_rank{rank}.pt")
+        write_step_results(rank, synth, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+def write_step_results(rank, synth, out_dir):
+    """Rank `rank` of an initialised group of two: its step of every configuration, to out_dir."""
+    dataset, vocab = training_data(synth)
+    items = drawn_items(dataset, 2)[rank]
+    for module_name, variant, extra in CONFIGS:
+        opt, model = fresh_model(module_name, extra, 2, len(vocab))
+        model = train.distribute(model, torch.device("cpu"))
+        losses, grads, norm = project_step(opt, model, items, dataset.relevance)
+        torch.save({"losses": losses, "grads": grads, "norm": norm, "state": state(model)},
+                   f"{out_dir}/{module_name}_{variant}_rank{rank}.pt")
 
 
 def test_two_process_step_equals_the_original_with_pooled_statistics(synth, tmp_path):
