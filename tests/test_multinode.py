@@ -155,7 +155,8 @@ def resumed(synth, tmp_path_factory):
         returncode = launchers[0].wait(timeout=LAUNCH_TIMEOUT_S)
         elapsed = time.monotonic() - killed
     after_kill = [written(node0), written(node1)]
-    shutil.copytree(node0 / "run", node1 / "run")  # the checkpoint every process resumes from
+    # every process resumes from the checkpoint (over anything rank 1 wrongly wrote: test_only_node_0_writes)
+    shutil.copytree(node0 / "run", node1 / "run", dirs_exist_ok=True)
     copied = written(node1)
     run_two_nodes([node0, node1], [os.path.join(ROOT, "train.py"), "--resume", "latest", "--model_name", "run"],
                   "resumed.log")
