@@ -38,7 +38,13 @@ def init_group(rank, world_size, init_method, device_type, timeout_s=1800, threa
     """Join the process group: nccl when the processes use GPUs, gloo otherwise; then set_threads."""
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=init_method, rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
-    set_threads(threads, world_size if device_type != "cuda" else 1)
+    set_threads(threads, processes_on_this_machine(world_size) if device_type != "cuda" else 1)
+
+
+def processes_on_this_machine(world_size):
+    """How many of the group's `world_size` processes share this machine's cores: under torchrun its
+    LOCAL_WORLD_SIZE (--nproc_per_node; the other machines' processes have cores of their own), else all."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if launched_by_torchrun() else world_size
 
 
 def set_threads(threads, cpu_processes=1):

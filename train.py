@@ -314,10 +314,10 @@ def train_process(rank, opt, init_method):
             optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt.get("scaler", {}))
         start_epoch, best_rsum, iterations = ckpt["epoch"], ckpt["best_rsum"], ckpt["Eiters"]
-    rng_ranks = ckpt.get("rng_ranks", []) if opt.resume else []
-    if len(rng_ranks) == process_count(opt):
+    saved_rng_ranks = ckpt.get("rng_ranks", []) if opt.resume else []
+    if len(saved_rng_ranks) == process_count(opt):
         # every rank's RNG state is in the checkpoint (a run of as many processes): each continues its own
-        restore_rng_state(rng_ranks[rank], device)
+        restore_rng_state(saved_rng_ranks[rank], device)
     elif opt.resume and rank == 0 and "rng" in ckpt:
         # rank 0's RNG state is in the checkpoint: a single-process resume continues bit for bit
         restore_rng_state(ckpt["rng"], device)

@@ -299,6 +299,18 @@ def test_set_threads_per_process(monkeypatch, two_threads):
         assert torch.get_num_threads() == expected, (threads, processes)
 
 
+def test_cpu_processes_share_only_their_own_machine(monkeypatch):
+    """Under torchrun the processes of this machine (LOCAL_WORLD_SIZE) share its cores: two machines of
+    one process each are not two processes on one machine. --world_size K: all K are here."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert distributed.processes_on_this_machine(2) == 1
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    assert distributed.processes_on_this_machine(2) == 2
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Early checks, names, help, legends
 
