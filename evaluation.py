@@ -423,49 +423,54 @@ def gather_captions(packed, ids):
 
 
 @torch.no_grad()
-def score_pairs(model, image_loader, caption_loader, ranges, needed, shard_size=1000, device=None,
-                precision_name="fp32"):
-    """The model's scores of the marked pairs only: a float32 (i1 - i0, c1 - c0) matrix per block, 0
-    where a pair is not needed.
+def similarity_pairs(model, img_embs, packed, ranges, needed, shard_size, device, bar=None):
+    """Scores of the marked pairs only: a float32 (i1 - i0, c1 - c0) matrix per block, 0 where a pair is
+    not needed. img_embs (n_img, R, d) and `packed` captions (pack_captions) as encoded.
 
     ranges: ((i0, i1), (c0, c1)) per block (as compute_sims' `blocks`); needed: bool, one per block.
-    Images and captions are encoded once. In compute_sims' shards, a shard whose every pair is needed
-    is scored in one call with the same inputs as there (so a shortlist of the whole gallery gives
-    plain evaluation's scores bit for bit); every image with needed pairs left is then scored in one
-    call with all the captions it needs.
+    In similarity_block's shards, a shard whose every pair is needed is scored in one call with the same
+    inputs as there (so a shortlist of the whole gallery gives plain evaluation's scores bit for bit);
+    then every image with needed pairs left is scored in one call with all the captions it needs.
     """
+    def scores_of(images, ids):
+        embs, lengths = gather_captions(packed, ids)
+        return model.similarity(images.to(device), embs.to(device), lengths.to(device)).float().cpu().numpy()
+
+    out = []
+    for ((i0, i1), (c0, c1)), need in zip(ranges, needed):
+        block, left = np.zeros(need.shape, dtype=np.float32), need.copy()
+        for a in range(0, i1 - i0, shard_size):
+            rows = slice(a, min(a + shard_size, i1 - i0))
+            for c in range(0, c1 - c0, shard_size):
+                cols = slice(c, min(c + shard_size, c1 - c0))
+                if need[rows, cols].all():
+                    block[rows, cols] = scores_of(img_embs[i0 + rows.start:i0 + rows.stop],
+                                                  c0 + np.arange(cols.start, cols.stop))
+                    left[rows, cols] = False
+                    if bar is not None:
+                        bar.update(block[rows, cols].size)
+            for i in range(rows.start, rows.stop):
+                columns = np.flatnonzero(left[i])
+                if len(columns):
+                    block[i, columns] = scores_of(img_embs[i0 + i:i0 + i + 1], c0 + columns)[0]
+                    if bar is not None:
+                        bar.update(len(columns))
+        out.append(block)
+    return out
+
+
+def score_pairs(model, image_loader, caption_loader, ranges, needed, shard_size=1000, device=None,
+                precision_name="fp32"):
+    """similarity_pairs of a model on the split: images and captions encoded once (as compute_sims)."""
     device = resolve_device(device)
     model.to(device).eval()
     with precision(precision_name, device):
         img_embs, captions = encode(model, image_loader, caption_loader, device)
         packed = pack_captions(captions)
         del captions  # the packed words replace the padded batches
-
-        def scores_of(images, ids):
-            embs, lengths = gather_captions(packed, ids)
-            return model.similarity(images.to(device), embs.to(device), lengths.to(device)).float().cpu().numpy()
-
-        out = []
         with tqdm(total=int(sum(m.sum() for m in needed)), desc="shortlisted pairs", unit="pair", unit_scale=True,
                   disable=None) as bar:
-            for ((i0, i1), (c0, c1)), need in zip(ranges, needed):
-                block, left = np.zeros(need.shape, dtype=np.float32), need.copy()
-                for a in range(0, i1 - i0, shard_size):
-                    rows = slice(a, min(a + shard_size, i1 - i0))
-                    for c in range(0, c1 - c0, shard_size):
-                        cols = slice(c, min(c + shard_size, c1 - c0))
-                        if need[rows, cols].all():
-                            block[rows, cols] = scores_of(img_embs[i0 + rows.start:i0 + rows.stop],
-                                                          c0 + np.arange(cols.start, cols.stop))
-                            left[rows, cols] = False
-                            bar.update(block[rows, cols].size)
-                    for i in range(rows.start, rows.stop):
-                        columns = np.flatnonzero(left[i])
-                        if len(columns):
-                            block[i, columns] = scores_of(img_embs[i0 + i:i0 + i + 1], c0 + columns)[0]
-                            bar.update(len(columns))
-                out.append(block)
-    return out
+            return similarity_pairs(model, img_embs, packed, ranges, needed, shard_size, device, bar)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -603,6 +608,7 @@ def two_stage(args, model_paths):
                                    args.precision))
         opts_used.append(opt)
     scores = [sum(blocks) / len(blocks) for blocks in zip(*results)]
+    del results  # each model's scores: only their mean is ranked
     report = {"checkpoint": args.shortlist, "module_name": shortlist_opt.module_name, "k": args.shortlist_k,
               "pairs_scored": int(sum(m.sum() for m in needed)),
               "pairs_total": int(sum((i1 - i0) * (c1 - c0) for (i0, i1), (c0, c1) in ranges)),
