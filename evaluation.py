@@ -4,6 +4,7 @@
                          [--save_sims S.npy] [--save_ranks F --topk 10] [--json OUT] [--eccv]
     python evaluation.py --sims S.npy [--sims S2.npy ...] --data_path D --data_name N --split S
                          [--fold5] --json OUT
+    python evaluation.py --model_path CKPT [--model_path2 CKPT2] --shortlist EMB_CKPT --shortlist_k K [--fold5]
 
 A similarity matrix is (n_images, n_captions) = (n, 5n), rows in image order, columns in caption
 order; captions 5i..5i+4 belong to image i. Several matrices (two checkpoints, several --sims) are
@@ -23,12 +24,18 @@ the split's captions (the dev split is cut to its first 5000 captions, as data.p
 uses the fold's block of S and of M (M fit on the whole split).
 
 --fold5: COCO 1K, the mean over 5 folds of images f n/5 .. (f+1) n/5 - 1 and their captions.
+
+--shortlist: two-stage retrieval. Per query, the K best gallery items by the shortlist model (ties by
+lower index) are scored by the main model(s) and ranked above all others, in the main model's order;
+the others follow in the shortlist model's order (in a fold: the fold's gallery). Only those pairs are
+scored; R@K and ASP are those of the two rankings (i2t and t2i differ), K >= the gallery = plain scoring.
 """
 import concurrent.futures
 import contextlib
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -46,7 +53,7 @@ from errors import InputError
 from layout import CAPTIONS_PER_IMAGE, dataset_dir, fold_bounds
 from model import SimilarityModel
 from pmrp_com.eccv import eccv_metrics, eccv_scores
-from pmrp_com.pmrp import topk_rankings
+from pmrp_com.pmrp import topk_rankings, topk_rows
 
 # Elements of one chunk of rows in the rank computations: 2^20 x (1-8 bytes) x about 15 temporaries.
 CHUNK_ELEMENTS = 1 << 20
@@ -185,9 +192,13 @@ def _direction(values):
     return dict(zip(("r1", "r5", "r10", "medr", "meanr", "asp"), values))
 
 
-def score_matrix(sims, sems=None):
-    """{"i2t": {r1, r5, r10, medr, meanr, asp}, "t2i": {...}, "rsum"} of one (n, 5n) block."""
-    out = {"i2t": _direction(i2t(sims, sems)), "t2i": _direction(t2i(sims, sems))}
+def score_matrix(sims, sems=None, t2i_sims=None):
+    """{"i2t": {r1, r5, r10, medr, meanr, asp}, "t2i": {...}, "rsum"} of one (n, 5n) block.
+
+    t2i_sims: the block whose columns rank the caption queries when it is not `sims` (two-stage
+    retrieval ranks the two directions from different candidates).
+    """
+    out = {"i2t": _direction(i2t(sims, sems)), "t2i": _direction(t2i(sims if t2i_sims is None else t2i_sims, sems))}
     out["rsum"] = sum(out[d][f"r{k}"] for d in ("i2t", "t2i") for k in KS)
     return out
 
@@ -197,13 +208,14 @@ def fold_blocks(matrix):
     return [matrix[lo:hi, 5 * lo:5 * hi] for lo, hi in fold_bounds(matrix.shape[0])]
 
 
-def score_folds(blocks, sems_blocks=None):
+def score_folds(blocks, sems_blocks=None, t2i_blocks=None):
     """COCO 1K: score_matrix of each fold block, their mean at the top level, and the list under "folds".
 
-    blocks: the 5 fold blocks of S; sems_blocks: the same blocks of M (asp stays None without them).
+    blocks: the 5 fold blocks of S; sems_blocks: the same blocks of M (asp stays None without them);
+    t2i_blocks: score_matrix's t2i_sims of each fold.
     """
-    folds = [score_matrix(b, None if sems_blocks is None else m)
-             for b, m in zip(blocks, sems_blocks or [None] * len(blocks))]
+    folds = [score_matrix(b, m, t) for b, m, t in zip(blocks, sems_blocks or [None] * len(blocks),
+                                                       t2i_blocks or [None] * len(blocks))]
     out = {d: {key: (None if folds[0][d][key] is None else float(np.mean([f[d][key] for f in folds])))
                for key in folds[0][d]} for d in ("i2t", "t2i")}
     out["rsum"] = float(np.mean([f["rsum"] for f in folds]))
@@ -351,6 +363,117 @@ def validate(model, image_loader, caption_loader, relevance, device=None, shard_
 
 
 # ------------------------------------------------------------------------------------------------
+# Two-stage retrieval (--shortlist): a shortlist model picks each query's candidates, the main model
+# ranks them. Per query, its top k gallery items by the shortlist model come first, in the main
+# model's order; every other item follows in the shortlist model's order.
+
+
+def shortlist_masks(shortlist, k):
+    """The candidates of every query: two bool (n_img, n_cap) masks, i2t (each image row's top k captions)
+    and t2i (each caption column's top k images), by the shortlist scores `shortlist` (n_img, n_cap),
+    ties by lower index (pmrp_com.pmrp.topk_rows, the rule of --save_ranks). k >= the gallery: all."""
+    i2t_mask = np.zeros(shortlist.shape, dtype=bool)
+    np.put_along_axis(i2t_mask, topk_rows(shortlist, k), True, axis=1)
+    t2i_mask = np.zeros(shortlist.shape[::-1], dtype=bool)
+    np.put_along_axis(t2i_mask, topk_rows(shortlist.T, k), True, axis=1)
+    return i2t_mask, t2i_mask.T
+
+
+def two_stage_values(shortlist, scores, chosen):
+    """The two-stage ranking of each query row as values: float32 (n_q, n), higher ranks first.
+
+    shortlist (n_q, n): the shortlist model's scores; chosen (n_q, n) bool: each row's candidates, the
+    same number k in every row; scores (n_q, n): the main model's, read where chosen only (views fine).
+    Value of item c = the number of items ranked strictly below it: (n - k) + #{a chosen : scores[a] <
+    scores[c]} for a candidate, #{a : shortlist[a] < shortlist[c]} for any other (the candidates are
+    the row's top, none of them below it). Items tie exactly where the deciding model ties them, so R@K
+    and ASP of these values are those of the ranking; integers under 2^24, exact in float32.
+    """
+    n_q, n = shortlist.shape
+    k = int(chosen[0].sum()) if n_q else 0
+    values = np.empty((n_q, n), dtype=np.float32)
+    for rows in _chunks(n_q, n):
+        picked = np.ascontiguousarray(chosen[rows])
+        # 1 + #{a != c : x[a] >= x[c]} = half of _twice_ranks "last": n minus it = #{a : x[a] < x[c]}
+        below = n - _twice_ranks(np.ascontiguousarray(shortlist[rows]), "last") // 2
+        candidates = np.ascontiguousarray(scores[rows])[picked].reshape(-1, k)  # row by row, k each
+        below[picked] = (n - _twice_ranks(candidates, "last") // 2).ravel()  # (n - k) + (k - rank)
+        values[rows] = below
+    return values
+
+
+def pack_captions(captions):
+    """encode's caption batches as one tensor of real words: words (n_words, d), and per caption its
+    first word's row and its length, int64 (n_cap,) each."""
+    lengths = torch.cat([lens for _, _, lens in captions]).long()
+    words = torch.cat([embs[torch.arange(embs.shape[1]) < lens[:, None]] for _, embs, lens in captions])
+    return words, torch.cumsum(lengths, 0) - lengths, lengths
+
+
+def gather_captions(packed, ids):
+    """Captions `ids` (int64 (m,)) of pack_captions' `packed`, zero-padded to their longest: embeddings
+    (m, L, d) and lengths (m,), what _caption_slice gives for a range of captions."""
+    words, firsts, lengths = packed
+    ids = torch.as_tensor(ids)
+    lens = lengths[ids]
+    position = torch.arange(int(lens.max()))
+    real = position < lens[:, None]  # (m, L)
+    rows = torch.where(real, firsts[ids, None] + position, 0)
+    return torch.where(real[..., None], words[rows], 0.0), lens
+
+
+@torch.no_grad()
+def similarity_pairs(model, img_embs, packed, ranges, needed, shard_size, device, bar=None):
+    """Scores of the marked pairs only: a float32 (i1 - i0, c1 - c0) matrix per block, 0 where a pair is
+    not needed. img_embs (n_img, R, d) and `packed` captions (pack_captions) as encoded.
+
+    ranges: ((i0, i1), (c0, c1)) per block (as compute_sims' `blocks`); needed: bool, one per block.
+    In similarity_block's shards, a shard whose every pair is needed is scored in one call with the same
+    inputs as there (so a shortlist of the whole gallery gives plain evaluation's scores bit for bit);
+    then every image with needed pairs left is scored in one call with all the captions it needs.
+    """
+    def scores_of(images, ids):
+        embs, lengths = gather_captions(packed, ids)
+        return model.similarity(images.to(device), embs.to(device), lengths.to(device)).float().cpu().numpy()
+
+    out = []
+    for ((i0, i1), (c0, c1)), need in zip(ranges, needed):
+        block, left = np.zeros(need.shape, dtype=np.float32), need.copy()
+        for a in range(0, i1 - i0, shard_size):
+            rows = slice(a, min(a + shard_size, i1 - i0))
+            for c in range(0, c1 - c0, shard_size):
+                cols = slice(c, min(c + shard_size, c1 - c0))
+                if need[rows, cols].all():
+                    block[rows, cols] = scores_of(img_embs[i0 + rows.start:i0 + rows.stop],
+                                                  c0 + np.arange(cols.start, cols.stop))
+                    left[rows, cols] = False
+                    if bar is not None:
+                        bar.update(block[rows, cols].size)
+            for i in range(rows.start, rows.stop):
+                columns = np.flatnonzero(left[i])
+                if len(columns):
+                    block[i, columns] = scores_of(img_embs[i0 + i:i0 + i + 1], c0 + columns)[0]
+                    if bar is not None:
+                        bar.update(len(columns))
+        out.append(block)
+    return out
+
+
+def score_pairs(model, image_loader, caption_loader, ranges, needed, shard_size=1000, device=None,
+                precision_name="fp32"):
+    """similarity_pairs of a model on the split: images and captions encoded once (as compute_sims)."""
+    device = resolve_device(device)
+    model.to(device).eval()
+    with precision(precision_name, device):
+        img_embs, captions = encode(model, image_loader, caption_loader, device)
+        packed = pack_captions(captions)
+        del captions  # the packed words replace the padded batches
+        with tqdm(total=int(sum(m.sum() for m in needed)), desc="shortlisted pairs", unit="pair", unit_scale=True,
+                  disable=None) as bar:
+            return similarity_pairs(model, img_embs, packed, ranges, needed, shard_size, device, bar)
+
+
+# ------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -399,6 +522,10 @@ def build_parser():
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32; tf32 (CUDA matmuls); bf16 (autocast): encoders and similarity path only, "
                         "scores and ranking stay fp32")
+    p.add_argument("--shortlist", default=None,
+                   help="two-stage retrieval: this checkpoint picks each query's --shortlist_k candidates, which "
+                        "--model_path (and --model_path2) score and rank above all others")
+    p.add_argument("--shortlist_k", type=int, default=None, help="candidates per query with --shortlist")
     p.add_argument("--world_size", type=int, default=1,
                    help="score the matrix with K processes (one per GPU, or K CPU processes), gathered on rank 0")
     return p
@@ -424,11 +551,9 @@ def load_vocab(args, ckpt, opt, path):
     return vocab
 
 
-def model_sims(args, path, whole):
-    """Similarities of one checkpoint on the split: the full matrix (whole), else the 5 fold blocks.
-
-    Returns (matrix or list of 5 blocks, the checkpoint's opt, data_path, the PrecompDataset).
-    """
+def load_for_scoring(args, path):
+    """A checkpoint's model (eval mode), its opt, data_path, the split's image and caption loaders, the
+    PrecompDataset and the device to score on; the vocabulary and features are checked against it."""
     ckpt = checkpoint.load_checkpoint(path)
     opt = ckpt["opt"]
     data_path = args.data_path or opt.data_path
@@ -440,10 +565,61 @@ def model_sims(args, path, whole):
     if distributed.rank_and_world()[0] == 0:
         print(f"{path}: {opt.module_name}, epoch {ckpt.get('epoch')}, {args.split}: "
               f"{dataset.n_images} images, {dataset.n_captions} captions")
-    blocks = None if whole else [((lo, hi), (5 * lo, 5 * hi)) for lo, hi in fold_bounds(dataset.n_images)]
     device = distributed.process_device(resolve_device(args.device).type, distributed.rank_and_world()[0])
+    return model, opt, data_path, image_loader, caption_loader, dataset, device
+
+
+def model_sims(args, path, whole):
+    """Similarities of one checkpoint on the split: the full matrix (whole), else the 5 fold blocks.
+
+    Returns (matrix or list of 5 blocks, the checkpoint's opt, data_path, the PrecompDataset).
+    """
+    model, opt, data_path, image_loader, caption_loader, dataset, device = load_for_scoring(args, path)
+    blocks = None if whole else fold_ranges(dataset.n_images)
     sims = compute_sims(model, image_loader, caption_loader, args.shard_size, device, blocks, args.precision)
     return sims, opt, data_path, dataset
+
+
+def fold_ranges(n_images):
+    """((first image, end), (first caption, end)) of each of the 5 folds."""
+    return [((lo, hi), (5 * lo, 5 * hi)) for lo, hi in fold_bounds(n_images)]
+
+
+def two_stage(args, model_paths):
+    """--shortlist: the shortlist model's matrix (or fold blocks), each query's top --shortlist_k
+    candidates in it, the main models' scores of those pairs (an SGRAF pair averaged as plain evaluation
+    does) and the two rankings as two_stage_values.
+
+    Returns (i2t values, t2i values: one (n_img, n_cap) matrix each, or 5 fold blocks with --fold5; the
+    t2i ones are transposed views), the main models' opts, data_path, dataset, the "shortlist" report.
+    """
+    started = time.perf_counter()
+    shortlist, shortlist_opt, _, dataset = model_sims(args, args.shortlist, whole=not args.fold5)
+    shortlist = shortlist if args.fold5 else [shortlist]
+    shortlist_seconds = time.perf_counter() - started
+    ranges = fold_ranges(dataset.n_images) if args.fold5 else [((0, dataset.n_images), (0, dataset.n_captions))]
+    masks = [shortlist_masks(block, args.shortlist_k) for block in shortlist]
+    needed = [i2t_mask | t2i_mask for i2t_mask, t2i_mask in masks]
+    started = time.perf_counter()
+    results, opts_used = [], []
+    for path in model_paths:
+        model, opt, data_path, image_loader, caption_loader, dataset, device = load_for_scoring(args, path)
+        results.append(score_pairs(model, image_loader, caption_loader, ranges, needed, args.shard_size, device,
+                                   args.precision))
+        opts_used.append(opt)
+    scores = [sum(blocks) / len(blocks) for blocks in zip(*results)]
+    del results  # each model's scores: only their mean is ranked
+    report = {"checkpoint": args.shortlist, "module_name": shortlist_opt.module_name, "k": args.shortlist_k,
+              "pairs_scored": int(sum(m.sum() for m in needed)),
+              "pairs_total": int(sum((i1 - i0) * (c1 - c0) for (i0, i1), (c0, c1) in ranges)),
+              "shortlist_seconds": shortlist_seconds, "scoring_seconds": time.perf_counter() - started}
+    print(f"shortlist {args.shortlist} ({shortlist_opt.module_name}): top {args.shortlist_k} per query, "
+          f"{report['pairs_scored']:,} of {report['pairs_total']:,} pairs scored by each of {len(model_paths)} "
+          f"model(s); shortlist {shortlist_seconds:.1f} s, scoring {report['scoring_seconds']:.1f} s")
+    i2t_values = [two_stage_values(block, s, i2t_mask) for block, s, (i2t_mask, _) in zip(shortlist, scores, masks)]
+    t2i_values = [two_stage_values(block.T, s.T, t2i_mask.T).T
+                  for block, s, (_, t2i_mask) in zip(shortlist, scores, masks)]
+    return i2t_values, t2i_values, opts_used, data_path, dataset, report
 
 
 def save_ranks(sims, k, path):
@@ -522,6 +698,25 @@ def check_before_scoring(args, model_paths):
         eccv_metrics(len(data.read_captions(data_path, data_name, args.split)), data_name, args.split)
 
 
+def check_shortlist(args, model_paths):
+    """--shortlist: its checkpoint must rank the main model's dataset, with the same features and
+    vocabulary (checked before anything is scored)."""
+    shortlist_ckpt, main_ckpt = checkpoint.load_checkpoint(args.shortlist), checkpoint.load_checkpoint(model_paths[0])
+    shortlist_opt, main_opt = shortlist_ckpt["opt"], main_ckpt["opt"]
+    if shortlist_opt.data_name != main_opt.data_name:
+        raise InputError(f"{args.shortlist}: a shortlist model of {shortlist_opt.data_name}, but {model_paths[0]} "
+                         f"was trained on {main_opt.data_name}; both must rank one dataset")
+    if shortlist_opt.img_dim != main_opt.img_dim:
+        raise InputError(f"{args.shortlist}: a shortlist model of {shortlist_opt.img_dim}-dim features, but "
+                         f"{model_paths[0]} reads {main_opt.img_dim}-dim ones; both must rank one dataset")
+    shortlist_vocab = load_vocab(args, shortlist_ckpt, shortlist_opt, args.shortlist)
+    main_vocab = load_vocab(args, main_ckpt, main_opt, model_paths[0])
+    if shortlist_vocab.word2idx != main_vocab.word2idx:
+        raise InputError(f"{args.shortlist}: its vocabulary ({len(shortlist_vocab)} words) is not the one of "
+                         f"{model_paths[0]} ({len(main_vocab)} words); a shortlist model must be trained on the "
+                         f"same dataset and vocabulary")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     model_paths = args.model_path + ([args.model_path2] if args.model_path2 else [])
@@ -535,10 +730,25 @@ def main(argv=None):
         raise InputError("--topk, --shard_size and --world_size must be positive, --threads not negative")
     if args.sims and args.world_size > 1:
         raise InputError("--world_size splits the scoring of a model; --sims matrices are already scored")
+    if (args.shortlist is None) != (args.shortlist_k is None):
+        raise InputError("--shortlist CKPT and --shortlist_k K go together (two-stage retrieval)")
+    if args.shortlist is not None:
+        if args.shortlist_k < 1:
+            raise InputError(f"--shortlist_k must be at least 1 (candidates per query), got {args.shortlist_k}")
+        if args.sims:
+            raise InputError("--shortlist re-scores a model's candidates with --model_path; --sims matrices have "
+                             "no model to re-score them")
+        if args.save_sims or args.save_ranks or args.eccv:
+            raise InputError("--save_sims, --save_ranks and --eccv need one similarity matrix; --shortlist ranks "
+                             "the two directions from different candidates and scores only those")
+        if args.world_size > 1 or distributed.launched_by_torchrun():
+            raise InputError("--shortlist runs in one process (--world_size and torchrun split a full matrix)")
     for output in (args.json, args.save_sims, args.save_ranks):
         if output:
             fileio.check_output(output)
     check_before_scoring(args, model_paths)
+    if args.shortlist:
+        check_shortlist(args, model_paths)
     threads = torch.get_num_threads()  # --threads is this evaluation's: an in-process caller keeps its own
     try:
         if distributed.launched_by_torchrun():
@@ -559,8 +769,15 @@ def main(argv=None):
 def evaluate(args, argv):
     """Everything main does once the processes are set up; ranks other than 0 return None."""
     model_paths = args.model_path + ([args.model_path2] if args.model_path2 else [])
-    relevance = None
-    if args.sims:
+    relevance, t2i_sims, t2i_blocks, shortlist = None, None, None, None
+    if args.shortlist:
+        i2t_values, t2i_values, opts_used, data_path, dataset, shortlist = two_stage(args, model_paths)
+        data_name, relevance = opts_used[0].data_name, dataset.relevance
+        if args.fold5:
+            sims, blocks, t2i_blocks = None, i2t_values, t2i_values
+        else:
+            (sims,), (t2i_sims,), blocks = i2t_values, t2i_values, None
+    elif args.sims:
         relevance, caps_path = relevance_of_split(args.data_path, args.data_name, args.split)
         sims = fileio.load_sims(args.sims, relevance.n_captions, caps_path)
         data_path, data_name, opts_used, blocks = args.data_path, args.data_name, None, None
@@ -593,7 +810,7 @@ def evaluate(args, argv):
               "n_captions": relevance.n_captions}
     if args.fold5:
         sems_blocks = [relevance.block(np.arange(lo, hi), np.arange(5 * lo, 5 * hi)) for lo, hi in fold_bounds(n_images)]
-        report.update(score_folds(fold_blocks(sims) if blocks is None else blocks, sems_blocks))
+        report.update(score_folds(fold_blocks(sims) if blocks is None else blocks, sems_blocks, t2i_blocks))
         for f, s in enumerate(report["folds"]):
             print(format_table(s, f"{data_name} {args.split} fold {f}"))
         print(format_table(report, f"{data_name} {args.split}: mean of 5 folds (1K)"))
@@ -601,8 +818,10 @@ def evaluate(args, argv):
             report["all"] = score_matrix(sims, relevance.matrix())
             print(format_table(report["all"], f"{data_name} {args.split}: all {n_images} images"))
     else:
-        report.update(score_matrix(sims, relevance.matrix()))
+        report.update(score_matrix(sims, relevance.matrix(), t2i_sims))
         print(format_table(report, f"{data_name} {args.split}: {n_images} images"))
+    if shortlist:
+        report["shortlist"] = shortlist
     if args.eccv:
         report["eccv"] = eccv_scores(sims, data_path, data_name, args.split, args.ann_root)
         print(json.dumps(report["eccv"], indent=2))

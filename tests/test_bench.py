@@ -15,6 +15,7 @@ def test_quick_benchmark_has_every_row_and_the_outputs_agree(tmp_path):
                 ("np2h", f"{quick['np2h_images']} images"), ("np2h", "COCO train")]
     expected += [("DAA loss", f"N = {n}") for n in quick["daa"]]
     expected += [("PMRP", f"{n} images") for n in quick["pmrp"]]
+    expected += [(f"shortlist K = {k}", "") for k in quick["shortlist_k"]]
     assert len(rows) == len(expected)
     for case, size in expected:
         found = [r for r in rows if r["case"] == case and r["size"].startswith(size)]

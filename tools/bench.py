@@ -1,6 +1,7 @@
 """Benchmark: the project's hot paths against plain baselines of the original algorithms, same inputs, one run.
 
     python -m tools.bench [--quick] [--device cpu|cuda] [--compile] [--cases CASE ...] [--out FILE.md]
+                          [--shortlist_models SGR SAF SHORTLIST --shortlist_data D]
 
 Every case times the project and its baseline (baselines/, the original's algorithm written plainly)
 in this process, on the same inputs, reports the speed-up, the peak memory of each side and the max
@@ -30,6 +31,15 @@ abs difference of their outputs, and prints one Markdown table (also written to 
               daa_loss.SemanticRelevance (sparse) at full size; diff on the larger subset.
   np2h        a several-hundred-MB {split}_ims.npy to HDF5: the original's whole-file load vs np2h.convert
               (streamed); then both scaled to COCO train (31 GB), where the whole-file load cannot run.
+  shortlist   two-stage retrieval (evaluation.py --shortlist) at COCO 5K (5,000 x 25,000), K = 10 / 50 / 100,
+              against full SGRAF scoring, encoders excluded on both sides. SGR and SAF pairs/s measured
+              on a subset (every pair of a block as plain evaluation scores it; and one call per image
+              with as many captions as an image needs at 5K for that K, as evaluation.similarity_pairs
+              scores them), times extrapolated to 125 M pairs and to the shortlist's pairs. The shortlist
+              model stands in as VSE scores: a product of l2-normalised 1024-d embeddings (random, each
+              caption its image's plus noise), measured at full size, as are the candidate masks (whose
+              union gives the pairs) and the two-stage ranking. --shortlist_models SGR SAF SHORTLIST
+              --shortlist_data D adds quality rows: plain SGRAF vs --shortlist_k K on D's testall.
 
 Memory: each side's peak RSS increase, in this process: before a measurement freed memory is handed
 back to the OS (gc + malloc_trim) and the kernel's peak-RSS mark is reset to the current RSS (write
@@ -70,7 +80,7 @@ from errors import InputError
 from model import SimilarityModel
 from pmrp_com.pmrp import pmrp_scores
 
-CASES = ("similarity", "train", "daa", "asp", "pmrp", "tfidf", "np2h")
+CASES = ("similarity", "train", "daa", "asp", "pmrp", "tfidf", "np2h", "shortlist")
 REPEAT_UNDER_S = 1.0  # runs shorter than this are repeated (best of MAX_RUNS)
 MAX_RUNS = 3  # 1 with --quick, a smoke run
 COCO_TRAIN_IMAGES = 113287  # (113,287, 36, 2048) float32 = 31.1 GB (MB and GB here are 2^20 and 2^30 bytes)
@@ -78,10 +88,12 @@ COCO_TRAIN_IMAGES = 113287  # (113,287, 36, 2048) float32 = 31.1 GB (MB and GB h
 SIZES = {
     "full": dict(dims=(2048, 300, 1024, 256), vocab=10000, sim_images=100, sim_captions=300, shard=100,
                  batch=128, daa=(128, 256, 512), asp=5000, pmrp=(1000, 5000), pmrp_subsets=(1000, 2000),
-                 tfidf=566435, tfidf_subsets=(10000, 20000), np2h_images=2000),
+                 tfidf=566435, tfidf_subsets=(10000, 20000), np2h_images=2000, shortlist_scale=(5000, 25000),
+                 shortlist_k=(10, 50, 100), shortlist_block=(20, 100), shortlist_images=4),
     "quick": dict(dims=(128, 32, 64, 32), vocab=500, sim_images=12, sim_captions=30, shard=10,
                   batch=12, daa=(16, 32, 64), asp=100, pmrp=(50, 200), pmrp_subsets=(50, 100),
-                  tfidf=5000, tfidf_subsets=(500, 1000), np2h_images=40),
+                  tfidf=5000, tfidf_subsets=(500, 1000), np2h_images=40, shortlist_scale=(200, 1000),
+                  shortlist_k=(10, 50, 100), shortlist_block=(12, 30), shortlist_images=3),
 }
 # On a GPU the baselines are cheap enough to score more pairs (the project needs them to fill the device).
 CUDA_SIZES = dict(sim_images=500, sim_captions=1000)
@@ -476,6 +488,118 @@ def bench_np2h(sizes, tmp_dir):
                      "the project's memory is one block whatever the size")]
 
 
+def standin_shortlist(n_images, n_captions, dim, seed=5):
+    """What an embedding model (VSE) scores: l2-normalised (n_images, dim) and (n_captions, dim) embeddings,
+    caption j its image j // 5's plus Gaussian noise (0.3 per dimension: a retrieval task, neither trivial nor
+    random). Returns a function computing their (n_images, n_captions) float32 product."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=gen), dim=1)
+    captions = images.repeat_interleave(5, 0) + 0.3 * torch.randn(n_captions, dim, generator=gen)
+    captions = torch.nn.functional.normalize(captions, dim=1)
+    return lambda: (images @ captions.T).numpy()
+
+
+def pair_rates(sizes, device, module_name, per_image):
+    """Pairs/s of one model: every pair of a block (similarity_block, plain evaluation), and for each count
+    in per_image one call per image with that many random captions (similarity_pairs, --shortlist).
+    Returns (full pairs/s, [pairs/s per count], max abs diff of the shortlisted scores to the full ones).
+    Best of MAX_RUNS interleaved runs: a shared machine's load swings hit both kinds alike."""
+    # Twice as many captions as an image needs: its captions are a part of the pool, never all of it (a shard
+    # whose every pair is needed would be scored as a block, as plain evaluation does).
+    n_block, n_pool = sizes["shortlist_block"][0], max(sizes["shortlist_block"][1], 2 * max(per_image))
+    images, captions, lengths = random_inputs(n_block, n_pool, sizes, device, seed=6)
+    model = build_model(sizes, module_name, device).eval()
+    with torch.no_grad():
+        img_embs, cap_embs = model.encode_images(images).cpu(), model.encode_captions(captions, lengths).cpu()
+    batches = [(0, cap_embs, lengths)]
+    packed = evaluation.pack_captions(batches)
+    n_full, n_images = sizes["shortlist_block"][1], sizes["shortlist_images"]
+    rng = np.random.default_rng(7)
+    needed = []
+    for m in per_image:
+        mask = np.zeros((n_images, n_pool), dtype=bool)
+        for row_mask in mask:
+            row_mask[rng.choice(n_pool, size=m, replace=False)] = True
+        needed.append(mask)
+    evaluation.similarity_block(model, img_embs[:2], batches, (0, 2), (0, 4), 1000, device)  # warm-up
+    full_s, pairs_s, scores = [], [[] for _ in needed], [None] * len(needed)
+    for _ in range(MAX_RUNS):
+        full_s.append(measure(lambda: evaluation.similarity_block(
+            model, img_embs, batches, (0, n_block), (0, n_full), 1000, device), device, once=True)[0])
+        for j, mask in enumerate(needed):
+            seconds, _, (scores[j],) = measure(lambda: evaluation.similarity_pairs(
+                model, img_embs, packed, [((0, n_images), (0, n_pool))], [mask], 1000, device), device, once=True)
+            pairs_s[j].append(seconds)
+    reference = evaluation.similarity_block(model, img_embs, batches, (0, n_images), (0, n_pool), 1000, device)
+    diff = max_abs_diff([(s[mask], reference[mask]) for s, mask in zip(scores, needed)])
+    return n_block * n_full / min(full_s), [mask.sum() / min(t) for mask, t in zip(needed, pairs_s)], diff
+
+
+def shortlist_quality(sizes, device, sgr, saf, shortlist, data_path):
+    """R@K and ASP of evaluation.py on `data_path`'s COCO testall: plain SGRAF vs --shortlist for each K, with
+    the time of each run (encoders included, one process, what a user waits for)."""
+    common = ["--model_path", sgr, "--model_path2", saf, "--data_path", data_path, "--split", "testall",
+              "--device", device.type, "--threads", str(torch.get_num_threads())]
+    cpu = torch.device("cpu")
+    plain_s, plain_mb, plain = measure(lambda: evaluation.main(common), cpu, once=True)
+
+    def summary(report):
+        return "; ".join(f"{d} R@1/5/10 {report[d]['r1']:.1f}/{report[d]['r5']:.1f}/{report[d]['r10']:.1f} ASP "
+                         f"{report[d]['asp']:.1f}" for d in ("i2t", "t2i")) + f"; rsum {report['rsum']:.1f}"
+
+    rows = []
+    for k in sizes["shortlist_k"]:
+        two_s, two_mb, two = measure(lambda: evaluation.main(common + ["--shortlist", shortlist, "--shortlist_k",
+                                                                       str(k)]), cpu, once=True)
+        rows.append(row(f"shortlist quality K = {k}", f"{plain['n_images']} x {plain['n_captions']}, {data_path}",
+                        (plain_s, plain_mb), (two_s, two_mb), None,
+                        note=f"{os.path.basename(os.path.dirname(shortlist))} shortlists "
+                             f"{two['shortlist']['pairs_scored']:,} of {two['shortlist']['pairs_total']:,} pairs; "
+                             f"two-stage: {summary(two)}; plain SGRAF: {summary(plain)}"))
+    return rows
+
+
+def bench_shortlist(sizes, device, quality=None):
+    """Two-stage retrieval against full SGRAF scoring at 5K scale (time rows), and on trained checkpoints
+    when `quality` = (SGR, SAF, shortlist checkpoint, data path) is given (quality rows)."""
+    n_img, n_cap = sizes["shortlist_scale"]
+    cpu = torch.device("cpu")
+    product_s, product_mb, shortlist = measure(standin_shortlist(n_img, n_cap, sizes["dims"][2]), cpu)
+    masks = {k: measure(lambda: evaluation.shortlist_masks(shortlist, k), cpu) for k in sizes["shortlist_k"]}
+    pairs = {k: int((i2t_mask | t2i_mask).sum()) for k, (_, _, (i2t_mask, t2i_mask)) in masks.items()}
+    k_max = max(sizes["shortlist_k"])
+    i2t_mask, t2i_mask = masks[k_max][2]
+    # The two rankings cost two sorts of every query row whatever K; the stand-in's scores serve as the
+    # main model's (only the candidates' are read).
+    ranking_s, ranking_mb, _ = measure(lambda: (evaluation.two_stage_values(shortlist, shortlist, i2t_mask),
+                                                evaluation.two_stage_values(shortlist.T, shortlist.T, t2i_mask.T)),
+                                       cpu, once=True)
+    del i2t_mask, t2i_mask
+    per_image = [round(pairs[k] / n_img) for k in sizes["shortlist_k"]]
+    rates = {name: pair_rates(sizes, device, name, per_image) for name in ("SGR", "SAF")}
+    diff = max(r[2] for r in rates.values())
+    full_s = sum(n_img * n_cap / r[0] for r in rates.values())
+    full_mb = 3 * n_img * n_cap * 4 / 2 ** 20  # plain SGRAF holds the two models' matrices and their mean
+    dims = "/".join(map(str, sizes["dims"]))
+    rows = []
+    for j, k in enumerate(sizes["shortlist_k"]):
+        scoring_s = sum(pairs[k] / r[1][j] for r in rates.values())
+        total = product_s + masks[k][0] + scoring_s + ranking_s
+        peak = max(product_mb, masks[k][1], ranking_mb)
+        rows.append(row(f"shortlist K = {k}", f"{n_img:,} x {n_cap:,}, dims {dims}", (full_s, full_mb), (total, peak),
+                        diff, extrapolated=True, proj_extrapolated=True,
+                        note=f"{pairs[k]:,} pairs scored ({100 * pairs[k] / (n_img * n_cap):.2f} %, {per_image[j]} per "
+                             f"image) by SGR and SAF at {rates['SGR'][1][j]:,.0f} / {rates['SAF'][1][j]:,.0f} pairs/s "
+                             f"(full: {rates['SGR'][0]:,.0f} / {rates['SAF'][0]:,.0f}): {scoring_s:,.0f} s; "
+                             f"shortlist model (embedding product) {product_s:.1f} s, candidates {masks[k][0]:.1f} s, "
+                             f"two rankings {ranking_s:.1f} s; baseline: every pair by each model, memory the "
+                             f"two models' matrices and their mean; encoders excluded; diff: shortlisted vs full "
+                             f"scores"))
+    if quality:
+        rows += shortlist_quality(sizes, device, *quality)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # Report
 
@@ -560,10 +684,12 @@ def machine():
 
 def run_cases(args, sizes, device):
     """The rows of every case in args.cases, in CASES order; each case's time goes to stderr."""
+    quality = (*args.shortlist_models, args.shortlist_data) if args.shortlist_models else None
     runners = {"similarity": lambda: bench_similarity(sizes, device, args.compile),
                "train": lambda: bench_train(sizes, device), "daa": lambda: bench_daa(sizes, device),
                "asp": lambda: bench_asp(sizes), "pmrp": lambda: bench_pmrp(sizes),
-               "tfidf": lambda: bench_tfidf(sizes), "np2h": lambda: bench_np2h(sizes, args.tmp_dir)}
+               "tfidf": lambda: bench_tfidf(sizes), "np2h": lambda: bench_np2h(sizes, args.tmp_dir),
+               "shortlist": lambda: bench_shortlist(sizes, device, quality)}
     rows = []
     for case in CASES:
         if case in args.cases:
@@ -585,7 +711,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of torch and of numpy's BLAS (default: one per core, 1 with --quick); "
                              "1 gives steadier figures on a machine shared with other jobs")
+    parser.add_argument("--shortlist_models", nargs=3, metavar=("SGR", "SAF", "SHORTLIST"),
+                        help="shortlist case: checkpoints for quality rows (plain SGRAF vs two-stage retrieval)")
+    parser.add_argument("--shortlist_data", default=None, help="with --shortlist_models: their data path (testall)")
     args = parser.parse_args(argv)
+    if bool(args.shortlist_models) != bool(args.shortlist_data):
+        raise InputError("--shortlist_models and --shortlist_data go together (the quality rows of the shortlist case)")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if not os.path.exists("/proc/self/clear_refs") or _libc is None:

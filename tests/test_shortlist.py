@@ -1,0 +1,179 @@
+"""Two-stage retrieval (evaluation.py --shortlist): a shortlist of the whole gallery is plain evaluation,
+a small one matches a brute-force restatement (full matrices, each query's ranking rebuilt by sorting),
+the pairs scored are the union of the candidates, and bad input is refused before anything is written."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import checkpoint
+import errors
+import evaluation
+from daa_loss import SemanticRelevance
+from tests.test_evaluation import KEYS, _expect_error, _tiny_checkpoint, brute_ranks, brute_summary
+from tools.baselines.asp_sort import asp_loop
+
+
+def brute_two_stage(shortlist, scores, k):
+    """Each query row's two-stage ranking as values (n_q, n): the row's top k by `shortlist` (a stable sort:
+    ties by lower index) keyed (1, main score), every other item (0, shortlist score); a value is the
+    key's place among the row's distinct keys, so equal keys tie and order is the keys' order."""
+    values = np.empty(shortlist.shape)
+    for q in range(shortlist.shape[0]):
+        candidates = set(np.argsort(-shortlist[q], kind="stable")[:k].tolist())
+        keys = [(1, scores[q, c]) if c in candidates else (0, shortlist[q, c]) for c in range(shortlist.shape[1])]
+        place = {key: rank for rank, key in enumerate(sorted(set(keys)))}
+        values[q] = [place[key] for key in keys]
+    return values
+
+
+def brute_report(shortlist, scores, relevance, k):
+    """R@K, medr, meanr and ASP by loops: i2t from image rows, t2i from caption rows (of the transposes)."""
+    i2t_values = brute_two_stage(shortlist, scores, k)
+    t2i_values = brute_two_stage(shortlist.T, scores.T, k).T
+    out = {"i2t": dict(zip(KEYS, brute_summary(brute_ranks(i2t_values)[0]) + (asp_loop(i2t_values, relevance),))),
+           "t2i": dict(zip(KEYS, brute_summary(brute_ranks(t2i_values)[1]) + (asp_loop(t2i_values.T, relevance.T),)))}
+    out["rsum"] = sum(out[d][f"r{r}"] for d in ("i2t", "t2i") for r in (1, 5, 10))
+    return out
+
+
+def brute_pairs(shortlist, k):
+    """Number of distinct (image, caption) pairs among every image's top k captions and caption's top k images."""
+    rows = {(i, int(c)) for i in range(shortlist.shape[0]) for c in np.argsort(-shortlist[i], kind="stable")[:k]}
+    cols = {(int(i), c) for c in range(shortlist.shape[1]) for i in np.argsort(-shortlist[:, c], kind="stable")[:k]}
+    return len(rows | cols)
+
+
+def assert_same(report, expected):
+    for d in ("i2t", "t2i"):
+        for key in KEYS:
+            assert report[d][key] == pytest.approx(expected[d][key], abs=1e-9), (d, key)
+    assert report["rsum"] == pytest.approx(expected["rsum"], abs=1e-9)
+
+
+@pytest.mark.parametrize("seed,levels,k", [(0, 3, 3), (1, 4, 7), (2, 1000, 2), (3, 2, 40)])
+def test_two_stage_values_against_sorting(seed, levels, k, monkeypatch):
+    """Few score levels: ties in the shortlist (which candidates, and the order of the rest) and among the
+    candidates' main scores (they must stay ties); k = 40 is the whole gallery of a t2i query and of an
+    i2t one. Every value of the metrics against the restatement's loops."""
+    monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", 60)  # several uneven chunks of rows
+    rng = np.random.default_rng(seed)
+    shortlist = rng.integers(0, levels, (8, 40)).astype(np.float32)
+    scores = rng.integers(0, levels, (8, 40)).astype(np.float32)
+    relevance = rng.integers(0, 3, (8, 40)).astype(np.float32)
+    i2t_mask, t2i_mask = evaluation.shortlist_masks(shortlist, k)
+    assert (i2t_mask.sum(1) == min(k, 40)).all() and (t2i_mask.sum(0) == min(k, 8)).all()
+    assert int((i2t_mask | t2i_mask).sum()) == brute_pairs(shortlist, k)
+    i2t_values = evaluation.two_stage_values(shortlist, scores, i2t_mask)
+    t2i_values = evaluation.two_stage_values(shortlist.T, scores.T, t2i_mask.T).T
+    report = evaluation.score_matrix(i2t_values, relevance, t2i_values)
+    assert_same(report, brute_report(shortlist, scores, relevance, k))
+    if k >= 40:  # every item a candidate: the main model's own ranking
+        assert_same(report, evaluation.score_matrix(scores, relevance))
+
+
+@pytest.fixture(scope="module")
+def models(synth, tmp_path_factory):
+    """Tiny untrained checkpoints: an SGR and an SAF (the main models) and another SAF (the shortlist)."""
+    d = tmp_path_factory.mktemp("shortlist_ckpt")
+    return {name: _tiny_checkpoint(synth, str(d / f"{name}.pth.tar"), module, seed)
+            for name, module, seed in (("sgr", "SGR", 0), ("saf", "SAF", 1), ("shortlist", "SAF", 2))}
+
+
+def _argv(synth, *extra):
+    return ["--vocab_path", synth.vocab_path, "--split", "testall", "--batch_size", "32", "--device", "cpu",
+            "--shard_size", "40", *extra]
+
+
+def _run(synth, tmp_path, *extra):
+    out = tmp_path / "out.json"
+    assert errors.run(evaluation.main, _argv(synth, "--json", str(out), *extra)) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["one model", "SGRAF pair"])
+def test_whole_gallery_shortlist_is_plain_evaluation(synth, models, tmp_path, one_thread, pair):
+    """K = the gallery (250 captions; 50 per fold with --fold5) gives plain evaluation's JSON; K = 50, every
+    image of the split for a t2i query but not every caption for an i2t one, gives plain t2i."""
+    main = ["--model_path", models["sgr"]] + (["--model_path2", models["saf"]] if pair else [])
+    shortlist = ["--shortlist", models["shortlist"], "--shortlist_k"]
+    n = synth.sizes["testall"]
+    plain = {}
+    for fold5, k in (([], 5 * n), (["--fold5"], n)):
+        plain[bool(fold5)] = _run(synth, tmp_path, *main, *fold5)
+        two = _run(synth, tmp_path, *main, *fold5, *shortlist, str(k))
+        assert set(two) == set(plain[bool(fold5)]) | {"shortlist"}
+        for key in set(plain[bool(fold5)]) - {"provenance"}:
+            assert two[key] == plain[bool(fold5)][key], key
+        assert two["shortlist"]["pairs_scored"] == two["shortlist"]["pairs_total"] == (n * n if fold5 else 5 * n * n)
+    partial = _run(synth, tmp_path, *main, *shortlist, str(n))
+    assert partial["t2i"] == plain[False]["t2i"] and partial["shortlist"]["pairs_scored"] == 5 * n * n
+
+
+def test_small_shortlist_against_brute_force(synth, models, tmp_path, one_thread):
+    """K = 5 on the whole testall: R@K, medr, meanr and ASP of both directions against the loops on the full
+    matrices of the shortlist model and of the SGRAF pair, as plain evaluation saves them; the pairs scored
+    are the union of the candidates."""
+    full, shortlist = tmp_path / "sgraf.npy", tmp_path / "shortlist.npy"
+    _run(synth, tmp_path, "--model_path", models["sgr"], "--model_path2", models["saf"], "--save_sims", str(full))
+    _run(synth, tmp_path, "--model_path", models["shortlist"], "--save_sims", str(shortlist))
+    S, L = np.load(full), np.load(shortlist)
+    k = 5
+    # Candidates scored alone can differ from the full matrix in the last bit (another batch shape); no two
+    # candidates of a query are that close here, so their order is the full matrix's. (The exact ties are
+    # a caption the synthetic split holds twice: one input, one score, in any call.)
+    i2t_mask, t2i_mask = evaluation.shortlist_masks(L, k)
+    for scores, mask in ((S, i2t_mask), (S.T, t2i_mask.T)):
+        gaps = np.diff(np.sort(scores[mask].reshape(len(scores), -1), axis=1), axis=1)
+        assert gaps[gaps > 0].min() > 1e-6
+    report = _run(synth, tmp_path, "--model_path", models["sgr"], "--model_path2", models["saf"],
+                  "--shortlist", models["shortlist"], "--shortlist_k", str(k))
+    captions = open(os.path.join(synth.coco_root, "testall_caps.txt"), encoding="utf-8").read().splitlines()
+    assert_same(report, brute_report(L, S, SemanticRelevance(captions).matrix(), k))
+    info = report["shortlist"]
+    assert info["pairs_scored"] == brute_pairs(L, k) and info["pairs_total"] == S.size
+    assert info["k"] == k and info["checkpoint"] == models["shortlist"] and info["module_name"] == "SAF"
+
+
+def _altered_checkpoint(source, path, **changes):
+    """A copy of checkpoint `source` with opt fields and top-level entries changed (opt_<field>=value)."""
+    ckpt = checkpoint.load_checkpoint(source)
+    for key, value in changes.items():
+        if key.startswith("opt_"):
+            setattr(ckpt["opt"], key[4:], value)
+        else:
+            ckpt[key] = value
+    checkpoint.save_checkpoint(ckpt, path)
+    return path
+
+
+def test_shortlist_bad_inputs(synth, models, tmp_path, capsys):
+    out = tmp_path / "never.json"
+    main = ["--model_path", models["sgr"], "--json", str(out)]
+    shortlist = ["--shortlist", models["shortlist"]]
+    for k in ("0", "-3"):
+        _expect_error(capsys, _argv(synth, *main, *shortlist, "--shortlist_k", k), out, "--shortlist_k")
+    _expect_error(capsys, _argv(synth, *main, *shortlist), out, "--shortlist_k")
+    _expect_error(capsys, _argv(synth, *main, "--shortlist_k", "5"), out, "--shortlist")
+    sims = tmp_path / "s.npy"
+    np.save(sims, np.zeros((50, 250), dtype=np.float32))
+    _expect_error(capsys, ["--sims", str(sims), "--data_path", synth.data_path, "--data_name", "coco_precomp",
+                           "--split", "testall", "--json", str(out), *shortlist, "--shortlist_k", "5"], out, "--sims")
+    saved = tmp_path / "never.npy"
+    _expect_error(capsys, _argv(synth, *main, *shortlist, "--shortlist_k", "5", "--save_sims", str(saved)), out,
+                  "--save_sims")
+    assert not saved.exists()
+    other_data = _altered_checkpoint(models["shortlist"], str(tmp_path / "f30k.pth.tar"), opt_data_name="f30k_precomp")
+    _expect_error(capsys, _argv(synth, *main, "--shortlist", other_data, "--shortlist_k", "5"), out, other_data,
+                  "f30k_precomp")
+    other_dim = _altered_checkpoint(models["shortlist"], str(tmp_path / "dim.pth.tar"), opt_img_dim=2048)
+    _expect_error(capsys, _argv(synth, *main, "--shortlist", other_dim, "--shortlist_k", "5"), out, other_dim)
+    # A stored vocabulary of the same size with two words' ids swapped; the main model reads its vocab_path.
+    vocab = json.loads(open(os.path.join(synth.vocab_path, "coco_precomp_vocab.json"), encoding="utf-8").read())
+    word2idx = dict(vocab["word2idx"])
+    first, second = sorted(word2idx, key=word2idx.get)[4:6]
+    word2idx[first], word2idx[second] = word2idx[second], word2idx[first]
+    other_vocab = _altered_checkpoint(models["shortlist"], str(tmp_path / "vocab.pth.tar"), vocab=word2idx)
+    argv = _argv(synth, *main, "--shortlist", other_vocab, "--shortlist_k", "5")[2:]  # no --vocab_path: their own
+    _expect_error(capsys, argv, out, other_vocab, "vocabulary")
