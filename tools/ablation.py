@@ -415,8 +415,9 @@ def main(argv=None):
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     # a worker process makes its runs in-process: no interpreter start-up per step
     in_process = args.in_process or args.jobs > 1
+    # finished runs are left out here, not in the workers: each job starts a fresh process (torch imported anew)
     jobs = [(args.out_dir, size, run, plateau, in_process, threads, f"[{k + 1}/{len(runs)}] {run[0]}, seed {run[4]}")
-            for k, (run, plateau) in enumerate(runs)]
+            for k, (run, plateau) in enumerate(runs) if not finished(paths(args.out_dir, run[0], run[4]), plateau)]
     if not args.report_only:
         run_all(jobs, args.jobs)
 
