@@ -184,11 +184,14 @@ class DAALoss(nn.Module):
         if S.dtype in (torch.float16, torch.bfloat16):
             S = S.float()  # ranks and hinges in fp32 even under autocast
         contrastive = contrastive_loss(S, self.margin, max_violation)
-        zero = S.new_zeros(())
-        daa_i2t = daa_t2i = zero
-        if M is not None and self.daa_weight:
-            M = M.to(S.device, S.dtype)
-            daa_i2t = self.daa_weight * (1 - asp_soft(S, M, self.daa_temp, self.daa_variant))
-            daa_t2i = self.daa_weight * (1 - asp_soft(S.t(), M.t(), self.daa_temp, self.daa_variant))
+        daa_i2t, daa_t2i = self.daa_terms(S, M)
         return {"loss": contrastive + daa_i2t + daa_t2i, "contrastive_loss": contrastive,
                 "daa_i2t_loss": daa_i2t, "daa_t2i_loss": daa_t2i}
+
+    def daa_terms(self, S, M):
+        """The two weighted DAA terms (i2t, t2i) of scores S (N, N) against relevance M (0 without M)."""
+        if M is None or not self.daa_weight:
+            return S.new_zeros(()), S.new_zeros(())
+        M = M.to(S.device, S.dtype)
+        return (self.daa_weight * (1 - asp_soft(S, M, self.daa_temp, self.daa_variant)),
+                self.daa_weight * (1 - asp_soft(S.t(), M.t(), self.daa_temp, self.daa_variant)))

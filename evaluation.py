@@ -58,6 +58,8 @@ from pmrp_com.pmrp import topk_rankings, topk_rows
 # Elements of one chunk of rows in the rank computations: 2^20 x (1-8 bytes) x about 15 temporaries.
 CHUNK_ELEMENTS = 1 << 20
 KS = (1, 5, 10)
+# How a PCME checkpoint's matrix is scored (model.PCMEHead in eval mode), told in the JSON of its evaluations.
+PCME_SCORING = "means: sigmoid(-a ||mu_image - mu_caption||_2 + b)"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,7 +245,8 @@ def encode(model, image_loader, caption_loader, device):
 
     Returns img_embs (n_img, 36, d) on the CPU, and the captions as a list of
     (first caption index, embeddings (b, L_b, d) on the CPU, lengths (b,)) per loader batch, each
-    batch padded only to its own longest caption.
+    batch padded only to its own longest caption. Embedding models (VSE, PCME) give one row per item:
+    img_embs (n_img, ...) and a single entry (0, all captions' embeddings (n_cap, ...), lengths).
     """
     model.eval()
     img_embs = []
@@ -253,11 +256,17 @@ def encode(model, image_loader, caption_loader, device):
     for caps, lengths, _ in tqdm(caption_loader, desc="encode captions", leave=False, disable=None):
         captions.append((start, model.encode_captions(caps.to(device), lengths.to(device)).float().cpu(), lengths))
         start += len(lengths)
+    if model.embedding and captions:
+        captions = [(0, torch.cat([c[1] for c in captions]), torch.cat([c[2] for c in captions]))]
     return torch.cat(img_embs), captions
 
 
-def _caption_slice(captions, lo, hi):
-    """Embeddings (hi - lo, L, d) and lengths of captions lo..hi-1, padded to their longest."""
+def _caption_slice(captions, lo, hi, rows=False):
+    """Embeddings (hi - lo, L, d) and lengths of captions lo..hi-1, padded to their longest; with `rows`
+    (an embedding model's single entry of one row per caption, see `encode`), rows lo..hi-1 as they are."""
+    if rows:
+        _, embs, lengths = captions[0]
+        return embs[lo:hi], lengths[lo:hi]
     pieces = []
     for start, embs, lengths in captions:
         a, b = max(lo, start), min(hi, start + len(lengths))
@@ -290,7 +299,7 @@ def similarity_block(model, img_embs, captions, images, caps, shard_size, device
             shard += 1
             if shard % world != rank:
                 continue
-            embs, lengths = _caption_slice(captions, c, min(c + shard_size, c1))
+            embs, lengths = _caption_slice(captions, c, min(c + shard_size, c1), model.embedding)
             sims = model.similarity(imgs, embs.to(device), lengths.to(device))
             out[a - i0:a - i0 + len(imgs), c - c0:c - c0 + len(lengths)] = sims.float().cpu().numpy()
             if bar is not None:
@@ -492,7 +501,8 @@ def build_parser():
     p = errors.ArgumentParser(
         description="R@K and ASP of a checkpoint (or two: SGRAF) or of saved similarity matrices.")
     p.add_argument("--model_path", action="append", default=[], help="checkpoint to evaluate")
-    p.add_argument("--model_path2", default=None, help="second checkpoint; the two matrices are averaged (SGRAF)")
+    p.add_argument("--model_path2", default=None,
+                   help="second checkpoint of another module (SGR + SAF: SGRAF); the two matrices are averaged")
     p.add_argument("--sims", action="append", default=[],
                    help="saved (n_images, n_captions) .npy to score instead of a model; repeat to average")
     p.add_argument("--data_path", default=None, help="data folder (default: the checkpoint's; required with --sims)")
@@ -680,17 +690,18 @@ def evaluate_spawned(args, argv):
 
 def check_before_scoring(args, model_paths):
     """What can be checked from the checkpoints' options and the caption files, before a matrix is scored
-    (hours for COCO 5K): the dataset folder (with a suggestion for a near-miss name), an SGRAF pair (an
-    SGR and an SAF model of one dataset), and the split --eccv needs."""
+    (hours for COCO 5K): the dataset folder (with a suggestion for a near-miss name), an ensemble pair (two
+    models of different modules, e.g. SGR + SAF = SGRAF, of one dataset), and the split --eccv needs."""
     if model_paths:
         options = [checkpoint.load_checkpoint(path)["opt"] for path in model_paths]
         data_path, data_name = args.data_path or options[0].data_path, options[0].data_name
         if len(options) == 2 and options[1].data_name != data_name:
             raise InputError(f"{model_paths[1]}: trained on {options[1].data_name}, but {model_paths[0]} on "
-                             f"{data_name}; an SGRAF pair scores one dataset")
+                             f"{data_name}; an ensemble pair scores one dataset")
         if len(options) == 2 and options[1].module_name == options[0].module_name:
-            raise InputError(f"{model_paths[1]}: an {options[1].module_name} model like {model_paths[0]}; SGRAF "
-                             f"averages an SGR and an SAF model (average two runs of one module with --sims)")
+            raise InputError(f"{model_paths[1]}: an {options[1].module_name} model like {model_paths[0]}; an "
+                             f"ensemble pair averages two modules, e.g. SGR + SAF (average two runs of one module "
+                             f"with --sims)")
     else:
         data_path, data_name = args.data_path, args.data_name
     dataset_dir(data_path, data_name)
@@ -808,6 +819,8 @@ def evaluate(args, argv):
     n_images = relevance.n_images
     report = {"split": args.split, "fold5": bool(args.fold5), "n_images": n_images,
               "n_captions": relevance.n_captions}
+    if any(o.module_name == "PCME" for o in opts_used or ()):
+        report["pcme_scoring"] = PCME_SCORING
     if args.fold5:
         sems_blocks = [relevance.block(np.arange(lo, hi), np.arange(5 * lo, 5 * hi)) for lo, hi in fold_bounds(n_images)]
         report.update(score_folds(fold_blocks(sims) if blocks is None else blocks, sems_blocks, t2i_blocks))

@@ -1,13 +1,21 @@
-"""SGR and SAF image-text similarity models (SGRAF, Diao et al. AAAI 2021), as trained by DAA.
+"""SGR and SAF image-text similarity models (SGRAF, Diao et al. AAAI 2021), as trained by DAA, and two
+embedding models, VSE and PCME, whose every image and caption is one point (or one Gaussian) in a joint space.
 
 Same modules, parameter names and initialisation as the original, so its checkpoints load. What differs
 is how the (n_images x n_captions) similarity matrix is computed: the original loops over captions
 (each one repeated n_images times); here every pair is scored at once, in chunks of captions of similar
 length, with the padded words masked so that a caption scores the same whatever else is in the batch.
 
+The embedding models reuse the same image and text encoders; their third part (`sim_enc`, the
+"head") pools the regions and words into one vector per item, so that a gallery is scored by one matrix
+product instead of a network run on every pair.
+
 Shapes: n_i images of R = 36 regions, n_c captions of at most L words, d = embed_size, s = sim_dim.
 """
 import argparse
+import contextlib
+import math
+from collections import namedtuple
 
 import torch
 import torch.distributed as dist
@@ -409,31 +417,218 @@ class EncoderSimilarity(nn.Module):
             return torch.sigmoid(self.sim_eval_w(vectors)).squeeze(-1)
 
 
+EMBEDDING_MODULES = ("VSE", "PCME")
+# What PCME's forward returns in training: scores (B, B), their match logits (B, B, K, K) (the soft
+# contrastive loss is computed from these, in log space) and the KL of the batch's Gaussians to N(0, I).
+PCMEBatch = namedtuple("PCMEBatch", "sims logits kl")
+# PCME's initial match-probability scale a and shift b. PCME's COCO config starts both at 15 in its
+# sigma(x) = e^x / (e^x + e^-x) = sigmoid(2x); written with the plain sigmoid, as here, that is 30 and 30.
+PCME_INIT_SCALE = 30.0
+PCME_INIT_SHIFT = 30.0
+PCME_INIT_NOISE = 0.1  # initial norm of a sample's noise, see GaussianHead
+
+
+@contextlib.contextmanager
+def in_score_precision(tensor):
+    """Autocast off and the dtype to score in, >= fp32: as SGR/SAF's score head, an embedding model's scores
+    stay fp32 under --precision bf16 (bf16 scores would tie pairs fp32 ranks apart); the encoders still
+    run in bf16."""
+    with torch.autocast(tensor.device.type, enabled=False):
+        yield torch.promote_types(tensor.dtype, torch.float32)
+
+
+def word_mask(lengths, width, device):
+    """(n, width) bool, True at each caption's real words; lengths (n,) int."""
+    return torch.arange(width, device=device) < torch.as_tensor(lengths, device=device)[:, None]
+
+
+def masked_mean(local, mask):
+    """Mean over the real positions: local (n, P, d) with 0 at padded positions, mask (n, P) -> (n, d)."""
+    return local.sum(1) / mask.sum(1, keepdim=True).to(local.dtype)
+
+
+def pool(local, mask, how):
+    """local (n, P, d), mask (n, P) bool of the real positions -> (n, d): their mean or elementwise max."""
+    if how == "mean":
+        return masked_mean(local.masked_fill(~mask.unsqueeze(2), 0), mask)
+    if how == "max":
+        return local.masked_fill(~mask.unsqueeze(2), float("-inf")).amax(1)
+    raise ValueError(f"pooling must be mean or max, not {how!r}")
+
+
+class VSEHead(nn.Module):
+    """VSE: regions and words pooled into one l2-normalised vector per item; score = their cosine.
+
+    No parameters: the image side's projection is EncoderImage's fc, the text side EncoderText's GRU.
+    """
+
+    module_name = "VSE"
+
+    def __init__(self, pooling="mean"):
+        super().__init__()
+        self.pooling = pooling
+
+    def embed_images(self, regions):
+        """(n, R, d) -> (n, d) unit vectors."""
+        return l2norm(pool(regions, regions.new_ones(regions.shape[:2], dtype=torch.bool), self.pooling))
+
+    def embed_captions(self, words, lengths):
+        """(n, L, d) words, (n,) lengths -> (n, d) unit vectors."""
+        return l2norm(pool(words, word_mask(lengths, words.size(1), words.device), self.pooling))
+
+    def forward(self, img_embs, cap_embs):
+        """(n_i, d), (n_c, d) unit vectors -> cosines (n_i, n_c), in >= fp32 (see `in_score_precision`)."""
+        with in_score_precision(img_embs) as dtype:
+            return img_embs.to(dtype) @ cap_embs.to(dtype).t()
+
+
+class GaussianHead(nn.Module):
+    """PCME's head of one modality: local features (n, P, d) -> mean and log-variance (n, 2, d).
+
+    mean = l2norm(mean of the real positions) (PCME's mean is l2-normalised; its PIE-net attention
+    residual on the mean is left out). log-variance = fc(attention pooling) + fc2(mean pooling), PCME's
+    uncertainty module (one attention head: softmax over positions of w2 tanh(W1 x), W1 d -> d/2).
+    """
+
+    def __init__(self, embed_size):
+        super().__init__()
+        hidden = max(1, embed_size // 2)
+        self.attention = nn.Sequential(nn.Linear(embed_size, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.fc = nn.Linear(embed_size, embed_size)
+        self.fc2 = nn.Linear(embed_size, embed_size)
+        init_weights(self)
+        # Initial noise norm sqrt(d) sigma = PCME_INIT_NOISE: with sigma = 1 (a zero bias) the noise of d
+        # dims would swamp the unit means, every match probability would start at 0 and, on the small
+        # data sets tried, the means never learnt to separate.
+        nn.init.constant_(self.fc2.bias, 2 * math.log(PCME_INIT_NOISE / math.sqrt(embed_size)))
+
+    def forward(self, local, mask):
+        """local (n, P, d), 0 at padded positions; mask (n, P) bool -> (n, 2, d): [mean, log-variance]."""
+        pooled = masked_mean(local, mask)
+        weights = torch.softmax(self.attention(local).squeeze(2).masked_fill(~mask, float("-inf")), dim=1)
+        attended = torch.bmm(weights.unsqueeze(1), local).squeeze(1)
+        return torch.stack([l2norm(pooled), self.fc(attended) + self.fc2(pooled)], 1)
+
+
+def match_logits(samples_a, samples_b, scale, shift, eps=1e-6):
+    """-a ||z_a - z_b||_2 + b of every sample pair: (n_a, K, d), (n_b, K', d) -> (n_a, n_b, K, K').
+
+    Distances from one matrix product, ||x||^2 + ||y||^2 - 2 x.y, with PCME's eps under the root
+    (a finite gradient at distance 0).
+    """
+    n_a, k_a, d = samples_a.shape
+    n_b, k_b, _ = samples_b.shape
+    flat_a, flat_b = samples_a.reshape(n_a * k_a, d), samples_b.reshape(n_b * k_b, d)
+    squared = (flat_a.square().sum(1)[:, None] + flat_b.square().sum(1)[None, :] - 2 * flat_a @ flat_b.t())
+    distance = torch.sqrt(squared.clamp_min(0) + eps).view(n_a, k_a, n_b, k_b).transpose(1, 2)
+    return shift - scale * distance
+
+
+class PCMEHead(nn.Module):
+    """PCME (Chun et al. CVPR 2021): each item a Gaussian N(mean, diag(exp(log-variance))) in the joint space.
+
+    Training scores S[i, j] = mean over K x K sample pairs of sigmoid(-a ||z_i - z_j||_2 + b), with K
+    samples z = mean + exp(log-variance / 2) eps per item (not re-normalised, as PCME), a = exp(log_scale)
+    > 0 and b learned. In eval mode the score is the means' sigmoid(-a ||mu_i - mu_j|| + b): deterministic,
+    one matrix product, and the same ranking as the means' cosine.
+    """
+
+    module_name = "PCME"
+
+    def __init__(self, embed_size, samples=7):
+        super().__init__()
+        self.samples = samples
+        self.image_head = GaussianHead(embed_size)
+        self.caption_head = GaussianHead(embed_size)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(PCME_INIT_SCALE)))
+        self.shift = nn.Parameter(torch.tensor(PCME_INIT_SHIFT))
+
+    def embed_images(self, regions):
+        """(n, R, d) -> (n, 2, d): mean and log-variance."""
+        return self.image_head(regions, regions.new_ones(regions.shape[:2], dtype=torch.bool))
+
+    def embed_captions(self, words, lengths):
+        """(n, L, d) words (0 at padding), (n,) lengths -> (n, 2, d): mean and log-variance."""
+        return self.caption_head(words, word_mask(lengths, words.size(1), words.device))
+
+    def sample(self, gaussians):
+        """(n, 2, d) -> K samples (n, K, d), drawn from torch's global generator."""
+        mean, logvar = gaussians.unbind(1)
+        noise = torch.randn(mean.size(0), self.samples, mean.size(1), dtype=mean.dtype, device=mean.device)
+        return mean.unsqueeze(1) + torch.exp(logvar / 2).unsqueeze(1) * noise
+
+    def logits(self, img_gaussians, cap_gaussians):
+        """Match logits of every pair: (n_i, n_c, K, K) from samples in training, (n_i, n_c, 1, 1) from the
+        means in eval mode."""
+        if self.training:
+            img_points, cap_points = self.sample(img_gaussians), self.sample(cap_gaussians)
+        else:
+            img_points, cap_points = img_gaussians[:, :1], cap_gaussians[:, :1]
+        return match_logits(img_points, cap_points, self.log_scale.exp(), self.shift)
+
+    def forward(self, img_gaussians, cap_gaussians):
+        """(n_i, 2, d), (n_c, 2, d) -> match probabilities (n_i, n_c), in >= fp32 (see `in_score_precision`)."""
+        with in_score_precision(img_gaussians) as dtype:
+            return torch.sigmoid(self.logits(img_gaussians.to(dtype), cap_gaussians.to(dtype))).mean((2, 3))
+
+
+def kl_to_standard_normal(gaussians):
+    """Sum over items and dims of KL(N(mean, exp(log-variance)) || N(0, I)) of (n, 2, d): a 0-dim tensor."""
+    mean, logvar = gaussians.unbind(1)
+    return 0.5 * (logvar.exp() + mean.square() - 1 - logvar).sum()
+
+
 class SimilarityModel(nn.Module):
-    """Image encoder + text encoder + similarity encoder, built from the training options `opt`."""
+    """Image encoder + text encoder + similarity encoder (SGR/SAF) or embedding head (VSE/PCME), built from
+    the training options `opt`.
+
+    `embedding` is True for VSE and PCME: encode_images/encode_captions then give one row per item
+    ((n, d), PCME (n, 2, d): mean and log-variance) and a gallery is scored by matrix products.
+    """
 
     def __init__(self, opt):
         super().__init__()
+        self.module_name = opt.module_name
+        self.embedding = opt.module_name in EMBEDDING_MODULES
         self.img_enc = EncoderImage(opt.img_dim, opt.embed_size, opt.no_imgnorm)
         self.txt_enc = EncoderText(opt.vocab_size, opt.word_dim, opt.embed_size, opt.num_layers,
                                    opt.bi_gru, opt.no_txtnorm)
-        self.sim_enc = EncoderSimilarity(opt.embed_size, opt.sim_dim, opt.module_name, opt.sgr_step)
+        if opt.module_name == "VSE":
+            self.sim_enc = VSEHead(opt.vse_pool)
+        elif opt.module_name == "PCME":
+            self.sim_enc = PCMEHead(opt.embed_size, opt.pcme_samples)
+        else:
+            self.sim_enc = EncoderSimilarity(opt.embed_size, opt.sim_dim, opt.module_name, opt.sgr_step)
 
     def encode_images(self, images):
-        """(n, R, img_dim) -> (n, R, d)."""
-        return self.img_enc(images)
+        """(n, R, img_dim) -> (n, R, d); embedding models: (n, d) or PCME's (n, 2, d)."""
+        regions = self.img_enc(images)
+        return self.sim_enc.embed_images(regions) if self.embedding else regions
 
     def encode_captions(self, captions, lengths):
-        """(n, L) word ids, (n,) lengths -> (n, L, d), 0 at padded words."""
-        return self.txt_enc(captions, lengths)
+        """(n, L) word ids, (n,) lengths -> (n, L, d), 0 at padded words; embedding models: (n, d) or (n, 2, d)."""
+        words = self.txt_enc(captions, lengths)
+        return self.sim_enc.embed_captions(words, lengths) if self.embedding else words
 
     def similarity(self, img_embs, cap_embs, lengths):
-        """(n_i, R, d), (n_c, L, d), (n_c,) -> (n_i, n_c) scores."""
+        """Encoded images and captions (any block of them; lengths (n_c,)) -> (n_i, n_c) scores."""
+        if self.embedding:
+            return self.sim_enc(img_embs, cap_embs)
         return self.sim_enc(img_embs, cap_embs, lengths)
 
     def forward(self, images, captions, lengths):
-        """A batch of B images and their B captions -> (B, B) scores, rows images, columns captions."""
-        return self.similarity(self.encode_images(images), self.encode_captions(captions, lengths), lengths)
+        """A batch of B images and their B captions -> (B, B) scores, rows images, columns captions.
+
+        PCME returns a PCMEBatch (scores, their match logits, the KL term) for its loss.
+        """
+        img_embs, cap_embs = self.encode_images(images), self.encode_captions(captions, lengths)
+        if self.module_name != "PCME":
+            return self.similarity(img_embs, cap_embs, lengths)
+        with in_score_precision(img_embs) as dtype:
+            img_embs, cap_embs = img_embs.to(dtype), cap_embs.to(dtype)
+            logits = self.sim_enc.logits(img_embs, cap_embs)
+            kl = kl_to_standard_normal(img_embs) + kl_to_standard_normal(cap_embs)
+            return PCMEBatch(torch.sigmoid(logits).mean((2, 3)), logits, kl)
 
     def state_dicts(self):
         """[img_enc, txt_enc, sim_enc] state dicts, the original checkpoint's 'model' entry."""

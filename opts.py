@@ -11,7 +11,8 @@ from errors import ArgumentParser
 
 
 def build_parser():
-    parser = ArgumentParser(description="Train SGR or SAF with the VSE++ triplet loss + DAA.")
+    parser = ArgumentParser(description="Train SGR, SAF or VSE with the VSE++ triplet loss + DAA, or PCME with its "
+                                        "soft contrastive loss + DAA.")
     # data and output paths
     parser.add_argument("--data_path", default="data", help="folder holding {data_name}/ (SCAN precomp layout)")
     parser.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp, or any folder name")
@@ -49,8 +50,16 @@ def build_parser():
     parser.add_argument("--no_bi_gru", dest="bi_gru", action="store_false", help="use a unidirectional GRU")
     parser.add_argument("--no_imgnorm", action="store_true", help="do not l2-normalise region embeddings")
     parser.add_argument("--no_txtnorm", action="store_true", help="do not l2-normalise word embeddings")
-    parser.add_argument("--module_name", default="SGR", choices=["SGR", "SAF"], help="similarity reasoning module")
+    parser.add_argument("--module_name", default="SGR", choices=["SGR", "SAF", "VSE", "PCME"],
+                        help="SGR, SAF: similarity reasoning on every (image, caption) pair; VSE, PCME: embedding "
+                             "models, one vector (PCME: one Gaussian) per image and caption")
     parser.add_argument("--sgr_step", default=3, type=int, help="graph reasoning steps of SGR")
+    parser.add_argument("--vse_pool", default="mean", choices=["mean", "max"],
+                        help="VSE only: how regions and words are pooled into one vector")
+    parser.add_argument("--pcme_samples", default=7, type=int,
+                        help="PCME only: samples per image and caption in training (scores average K x K pairs)")
+    parser.add_argument("--pcme_vib_weight", default=1e-5, type=float,
+                        help="PCME only: weight of the KL (VIB) regulariser of the Gaussians to N(0, I)")
     # DAA
     parser.add_argument("--daa_weight", default=25.0, type=float, help="weight of each DAA term (0 = DAA off)")
     parser.add_argument("--daa_temp", default=0.001, type=float, help="sigmoid temperature tau of the soft ranks")
@@ -88,6 +97,10 @@ def build_parser():
 def parse_opt(argv=None):
     """Parse the command line (argv=None: sys.argv) into an argparse.Namespace."""
     return build_parser().parse_args(argv)
+
+
+# Options that only one module reads: given on a run of another module, they would silently do nothing.
+MODULE_OPTIONS = {"vse_pool": "VSE", "pcme_samples": "PCME", "pcme_vib_weight": "PCME"}
 
 
 def given_options(argv=None):

@@ -7,8 +7,9 @@ what you see is what you would type on real data):
   1. make_synthetic_data.py  a small COCO in the SCAN precomp layout + COCO-format annotations
   2. np2h.py                 {split}_ims.npy -> {split}.h5
   3. vocab.py                the vocabulary JSON from the train + dev captions
-  4. train.py                SGR, then SAF, both with DAA (CPU-sized models, a few epochs)
-  5. evaluation.py           SGR, SAF and the SGRAF ensemble (--model_path + --model_path2) on testall:
+  4. train.py                SGR, SAF and the embedding model VSE, each with DAA (CPU-sized models, a few
+                             epochs)
+  5. evaluation.py           SGR, SAF, the SGRAF ensemble (--model_path + --model_path2) and VSE on testall:
                              1K (mean of 5 folds) and 5K (whole split), saving each similarity matrix
   6. pmrp_evaluation.py      PMRP of each matrix, 5 folds and whole split
      (steps 5-6 also score four yardsticks with --sims: random and constant scores, the content oracle
@@ -57,9 +58,10 @@ TRAINING = {
               "learning_rate": 0.005, "warmup_epochs": 1, "lr_update": 1, "daa_weight": 1, "log_step": 2},
 }
 DATA_NAME = "coco_precomp"
-MODELS = ("SAF", "SGR", "SGRAF")  # row order of the paper's tables
+TRAINED = ("SGR", "SAF", "VSE")  # the demo's training runs, in order
+MODELS = ("SAF", "SGR", "SGRAF", "VSE")  # row order of the paper's tables, then the embedding model
 REFERENCES = ("random scores", "constant scores", "content oracle", "relevance M")  # save_reference_matrices
-N_STEPS = 3 + 2 + 3 * (len(MODELS) + len(REFERENCES)) + 1  # data, training, evaluation + 2 PMRP per matrix, plot
+N_STEPS = 3 + len(TRAINED) + 3 * (len(MODELS) + len(REFERENCES)) + 1  # data, training, evaluation + 2 PMRP per matrix, plot
 SUBDIRS = ("data", "vocab", "coco_ann", "runs", "logs", "eval")  # what a run writes (and removes first)
 MARKER = ".run_demo"  # in --out_dir: its SUBDIRS were written by run_demo.py and may be removed
 
@@ -205,7 +207,7 @@ def main(argv=None):
     data_path, vocab_path, ann_root = make_data(size, out_dir, step, run_script)
     coco_root = os.path.join(data_path, DATA_NAME)
     checkpoints = {}
-    for module in ("SGR", "SAF"):
+    for module in TRAINED:
         model_dir = os.path.join(out_dir, "runs", module)
         run_script("train.py", train_args(size, TRAINING[size], data_path, vocab_path, module, model_dir,
                                           os.path.join(out_dir, "logs", module)), step(f"train {module} with DAA"))
@@ -227,7 +229,7 @@ def main(argv=None):
                        step(f"PMRP of {title}, {'5 folds' if n_fold else 'whole split'}"))
         return names
 
-    for model in ("SGR", "SAF", "SGRAF"):
+    for model in MODELS:
         paths = [checkpoints["SGR"], checkpoints["SAF"]] if model == "SGRAF" else [checkpoints[model]]
         models = ["--model_path", paths[0]] + (["--model_path2", paths[1]] if len(paths) == 2 else [])
         files[model] = evaluate(model, model, lambda sims: models + ["--vocab_path", vocab_path, "--save_sims", sims])
@@ -236,7 +238,7 @@ def main(argv=None):
     for name, path in save_reference_matrices(size, out_dir, data_path).items():
         stem = os.path.basename(path)[:-len(".npy")]
         files[name] = evaluate(f"the {name}", stem, lambda sims: ["--sims", sims, "--data_name", DATA_NAME])
-    run_script("tools/plot_results.py", ["--logs"] + [os.path.join(out_dir, "logs", m) for m in ("SGR", "SAF")]
+    run_script("tools/plot_results.py", ["--logs"] + [os.path.join(out_dir, "logs", m) for m in TRAINED]
                + ["--out_dir", out_dir], step("training curves"))
 
     n_images = SIZES[size]["n_testall"]

@@ -1,4 +1,5 @@
-"""Train SGR or SAF with the VSE++ triplet loss + DAA, on one process or many (torch.distributed).
+"""Train SGR, SAF or VSE with the VSE++ triplet loss + DAA, or PCME with its soft contrastive loss + DAA,
+on one process or many (torch.distributed).
 
     python train.py --data_name f30k_precomp --num_epochs 40 --learning_rate 0.0006 --lr_update 30 \
         --world_size 1 --module_name SGR --daa_weight 10
@@ -32,6 +33,7 @@ from errors import InputError, TrainingDiverged, run
 from fileio import check_output
 from layout import dataset_dir
 from model import SimilarityModel
+from pcme_loss import PCMELoss
 from vocab import deserialize_vocab
 
 log = logging.getLogger("train")
@@ -39,7 +41,7 @@ log = logging.getLogger("train")
 # What a resumed run cannot change: the options its weights' shapes and meaning depend on (the vocabulary
 # is checked word by word against the checkpoint's).
 FIXED_ON_RESUME = ("module_name", "img_dim", "word_dim", "embed_size", "sim_dim", "num_layers", "bi_gru",
-                   "no_imgnorm", "no_txtnorm", "sgr_step")
+                   "no_imgnorm", "no_txtnorm", "sgr_step", "vse_pool")
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.pth\.tar")
 
 
@@ -69,9 +71,25 @@ def check_options(opt):
             raise InputError(f"--{name} must be at least 1 (got {getattr(opt, name)})")
     if opt.val_images < 0 or opt.warmup_epochs < 0 or opt.workers < 0 or opt.threads < 0:
         raise InputError("--val_images, --warmup_epochs, --workers and --threads cannot be negative")
+    if opt.pcme_samples < 1 or opt.pcme_vib_weight < 0:
+        raise InputError("--pcme_samples must be at least 1 and --pcme_vib_weight cannot be negative")
     check_world_size(opt.world_size, device_type(opt))
     if opt.amp == "fp16" and device_type(opt) != "cuda":
         raise InputError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
+
+
+def check_module_options(opt, given):
+    """InputError for an option `given` ({name: value}) that the run's module does not read (opts.MODULE_OPTIONS)."""
+    for name, module_name in opts.MODULE_OPTIONS.items():
+        if name in given and opt.module_name != module_name:
+            raise InputError(f"--{name} is a {module_name} option, but this run trains a {opt.module_name} model")
+
+
+def build_criterion(opt):
+    """The loss of the run's module: PCME's soft contrastive + KL + DAA, else the VSE++ hinge + DAA."""
+    if opt.module_name == "PCME":
+        return PCMELoss(opt.pcme_vib_weight, opt.daa_weight, opt.daa_temp, opt.daa_variant)
+    return DAALoss(opt.margin, opt.max_violation, opt.daa_weight, opt.daa_temp, opt.daa_variant)
 
 
 def vocab_file(opt):
@@ -182,12 +200,13 @@ def set_learning_rate(opt, optimizer, epoch):
 def compute_losses(model, criterion, images, captions, lengths, relevance, max_violation, amp_dtype=None):
     """One batch's forward and loss: images (B, 36, D), captions (B, L), lengths (B,), relevance (B, B).
 
-    Returns DAALoss's dict of 0-dim tensors (loss, contrastive_loss, daa_i2t_loss, daa_t2i_loss). The
-    model runs under autocast when `amp_dtype` is given; the loss is computed in fp32 regardless.
+    Returns the criterion's dict of 0-dim tensors (loss, contrastive_loss, daa_i2t_loss, daa_t2i_loss; PCME
+    adds vib_loss). The model runs under autocast when `amp_dtype` is given; the loss is computed in fp32
+    regardless.
     """
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        sims = model(images, captions, lengths)
-    return criterion(sims, relevance, max_violation=max_violation)
+        outputs = model(images, captions, lengths)  # (B, B) scores; PCME: a model.PCMEBatch
+    return criterion(outputs, relevance, max_violation=max_violation)
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
@@ -306,7 +325,7 @@ def train_process(rank, opt, init_method):
         model.load_state_dicts(ckpt["model"], opt.resume or opt.init_from)
     if distributed:
         model = distribute(model, device)
-    criterion = DAALoss(opt.margin, opt.max_violation, opt.daa_weight, opt.daa_temp, opt.daa_variant)
+    criterion = build_criterion(opt)
     optimizer = torch.optim.Adam(model.parameters(), lr=opt.learning_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=opt.amp == "fp16")
     if opt.resume:
@@ -424,6 +443,7 @@ def main(argv=None):
         raise InputError("--resume and --init_from exclude each other (resume continues a run, init_from starts one)")
     if opt.resume:
         opt, ckpt = resume_options(opt, given)
+    check_module_options(opt, given)
     check_options(opt)
     # Fail here, in one process, on what every process would fail on: names, vocabulary, data, checkpoint.
     dataset_dir(opt.data_path, opt.data_name)

@@ -28,7 +28,7 @@ def test_table_has_every_row_with_numbers_in_range(demo):
         results = json.load(f)
     assert [(r["scope"], r["model"]) for r in results["rows"]] == [
         (scope, model) for scope in ("1K", "5K") for model in
-        ("SAF", "SGR", "SGRAF", "random scores", "constant scores", "content oracle", "relevance M")]
+        ("SAF", "SGR", "SGRAF", "VSE", "random scores", "constant scores", "content oracle", "relevance M")]
     for row in results["rows"]:
         for d in ("i2t", "t2i"):
             values = row[d]
@@ -37,7 +37,7 @@ def test_table_has_every_row_with_numbers_in_range(demo):
     with open(os.path.join(demo, "results.md"), encoding="utf-8") as f:
         lines = f.read().splitlines()
     rows = [line for line in lines if line.startswith("| COCO")]
-    assert len(rows) == 14 and all(line.count("|") == 13 for line in rows)
+    assert len(rows) == 16 and all(line.count("|") == 13 for line in rows)
     by_row = {(r["scope"], r["model"]): r for r in results["rows"]}
     n_images = results["sizes"]["n_testall"]
     for scope, images in (("1K", n_images // 5), ("5K", n_images)):
@@ -120,7 +120,8 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     argv = ["--quick", "--in_process", "--out_dir", str(out_dir)]
     assert errors.run(ablation.main, argv) == 0
     report = json.loads((out_dir / "ablation.json").read_text(encoding="utf-8"))
-    assert [g["key"] for g in report["groups"]] == ["SAF_w0", "SAF_w25_reference", "SAF_w25_paper"]
+    assert [g["key"] for g in report["groups"]] == ["SAF_w0", "SAF_w25_reference", "SAF_w25_paper", "VSE_w0",
+                                                    "VSE_w25_reference", "PCME_w0", "PCME_w25_reference"]
 
     data_path = str(out_dir / "data")
     coco_root = os.path.join(data_path, run_demo.DATA_NAME)
@@ -138,8 +139,9 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
         expected = recomputed(np.load(out_dir / "eval" / (name.replace(" ", "_") + ".npy")))
         for d in ("i2t", "t2i"):
             assert scores[d] == pytest.approx(expected[d], abs=1e-9), (name, d)
-    off = report["groups"][0]
+    off_of = {g["module"]: g for g in report["groups"] if not g["daa_weight"]}  # DAA off, per model
     for group in report["groups"]:
+        off = off_of[group["module"]]
         for run in group["runs"]:
             name = f"{group['key']}_seed{run['seed']}"
             opt = checkpoint.load_checkpoint(str(out_dir / "runs" / name / "model_best.pth.tar"))["opt"]
@@ -153,12 +155,15 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
             for k in KEYS:
                 values = np.array([run[d][k] for run in group["runs"]])
                 assert group["mean"][d][k] == pytest.approx(values.mean(), abs=1e-9)
-                assert group["std"][d][k] == pytest.approx(values.std(ddof=1), abs=1e-9)
+                assert group["std"][d][k] == pytest.approx(values.std(ddof=1) if len(values) > 1 else 0, abs=1e-9)
                 if group is not off:
                     diff = values - np.array([run[d][k] for run in off["runs"]])
-                    half = scipy.stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
                     paired = group["paired_difference"]
                     assert paired["mean"][d][k] == pytest.approx(diff.mean(), abs=1e-9)
+                    if len(diff) == 1:  # one seed: no interval
+                        assert paired["ci95_low"] is None and paired["ci95_high"] is None
+                        continue
+                    half = scipy.stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
                     assert paired["ci95_low"][d][k] == pytest.approx(diff.mean() - half, abs=1e-9)
                     assert paired["ci95_high"][d][k] == pytest.approx(diff.mean() + half, abs=1e-9)
             oracle = report["references"]["content oracle"][d]["asp"]
@@ -191,6 +196,7 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     assert tie["asp"]["constant"] == pytest.approx(0.5, abs=0.02)
     table = (out_dir / "ablation.md").read_text(encoding="utf-8")
     assert "| content oracle |" in table and "| SAF, DAA 25 reference − off (n=2) |" in table
+    assert "| PCME, DAA 25 reference − off (n=1) |" in table
 
     # Finished runs are not redone: a second call only re-reads them and writes the same report.
     checkpoint_file = out_dir / "runs" / "SAF_w0_seed0" / "model_best.pth.tar"
@@ -240,3 +246,16 @@ def test_plateau_measures_leave_out_each_epochs_smaller_last_batch():
     assert measures["plateau_iterations"] is None
     assert measures["hinge_above_2Bm"] == pytest.approx(0.01)
     assert measures["dev_rsum"] == 61.5
+
+
+def test_ablation_goes_on_in_a_folder_made_with_a_shorter_grid():
+    """Grid entries appended (as VSE and PCME were) keep a folder's finished runs; any other change is refused."""
+    from tools import ablation
+
+    settings = {"size": "full", "training": {"batch_size": 32}, "grid": [["SAF", [0, 25], ["reference"], [0, 1]],
+                                                                          ["VSE", [0, 25], ["reference"], [0]]]}
+    assert ablation.extends(settings, settings)
+    assert ablation.extends(settings, dict(settings, grid=settings["grid"][:1]))
+    assert not ablation.extends(settings, dict(settings, grid=settings["grid"][1:]))
+    assert not ablation.extends(settings, dict(settings, grid=[["SAF", [0, 25], ["reference"], [0]]]))
+    assert not ablation.extends(settings, dict(settings, training={"batch_size": 16}))

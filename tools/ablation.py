@@ -48,11 +48,14 @@ HEADERS = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "asp": "ASP", "pmrp": "PMRP"
 # (module, DAA weights, variants, seeds) per size. The published recipes use weight 25 (COCO) and 10
 # (Flickr30K); 1 is the demo's. Weight 0 is DAA off, the same for either variant. Runs are made in the
 # order listed, weight 0 and 25 first, so that a stopped ablation has the main comparison; the plateau
-# runs come after the first PLATEAU_AFTER entries.
+# runs come after the first PLATEAU_AFTER entries. Entries are only ever appended (the embedding models VSE
+# and PCME came last), so an ablation folder made with the shorter grid goes on with the new entries.
 GRID = {
     "full": [("SAF", (0, 25), ("reference",), range(5)), ("SGR", (0, 25), ("reference",), range(3)),
-             ("SAF", (25,), ("paper",), range(5)), ("SAF", (10, 1), ("reference", "paper"), range(5))],
-    "quick": [("SAF", (0, 25), ("reference",), range(2)), ("SAF", (25,), ("paper",), range(2))],
+             ("SAF", (25,), ("paper",), range(5)), ("SAF", (10, 1), ("reference", "paper"), range(5)),
+             ("VSE", (0, 25), ("reference",), range(3)), ("PCME", (0, 25), ("reference",), range(3))],
+    "quick": [("SAF", (0, 25), ("reference",), range(2)), ("SAF", (25,), ("paper",), range(2)),
+              ("VSE", (0, 25), ("reference",), range(1)), ("PCME", (0, 25), ("reference",), range(1))],
 }
 PLATEAU_AFTER = 2
 # Plateau runs: SAF, no warm-up (hardest negatives from the first step, the original recipe), the lr of
@@ -355,6 +358,13 @@ def label(group):
     return f"{group['module']}, DAA {group['daa_weight']:g} {group['variant']}"
 
 
+def extends(settings, stored):
+    """Whether `settings` are the `stored` ones of an ablation folder, or the same with grid entries appended
+    (its finished runs then belong to the new grid as well)."""
+    grid = stored.get("grid", [])
+    return dict(settings, grid=grid) == stored and settings["grid"][:len(grid)] == grid
+
+
 def build_parser():
     p = errors.ArgumentParser(description="DAA weight x variant x seed on the synthetic data, plus the collapse "
                                           "plateau; yardsticks from the content oracle.")
@@ -386,11 +396,11 @@ def main(argv=None):
                 "grid": [[m, list(w), list(v), list(s)] for m, w, v, s in GRID[size]], "plateau": plateau}
     settings_path = os.path.join(args.out_dir, "settings.json")
     if os.path.isfile(settings_path):
-        if fileio.read_json(settings_path, "settings file") != settings:
+        stored = fileio.read_json(settings_path, "settings file")
+        if not extends(settings, stored):
             raise InputError(f"{settings_path}: {args.out_dir} holds runs made with other settings; "
                              f"delete it or choose another --out_dir")
-    else:
-        fileio.write_json(settings, settings_path)
+    fileio.write_json(settings, settings_path)
 
     data_path = os.path.join(args.out_dir, "data")
     if not os.path.isfile(os.path.join(data_path, run_demo.DATA_NAME, "testall.h5")):  # np2h.py's last output
@@ -405,8 +415,9 @@ def main(argv=None):
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     # a worker process makes its runs in-process: no interpreter start-up per step
     in_process = args.in_process or args.jobs > 1
+    # finished runs are left out here, not in the workers: each job starts a fresh process (torch imported anew)
     jobs = [(args.out_dir, size, run, plateau, in_process, threads, f"[{k + 1}/{len(runs)}] {run[0]}, seed {run[4]}")
-            for k, (run, plateau) in enumerate(runs)]
+            for k, (run, plateau) in enumerate(runs) if not finished(paths(args.out_dir, run[0], run[4]), plateau)]
     if not args.report_only:
         run_all(jobs, args.jobs)
 

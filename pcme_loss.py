@@ -1,0 +1,48 @@
+"""PCME's objective (Chun et al. CVPR 2021) + DAA: what train.py minimises for --module_name PCME.
+
+    loss = soft contrastive + vib_weight * KL + DAA on S
+
+Soft contrastive: the negative log-likelihood of the batch's matches under the match probability
+S[i, j] = mean_{k, l} sigmoid(logit[i, j, k, l]) (PCME's Monte-Carlo estimate over K x K sample pairs):
+-log S[i, i] for each image's own caption, -log(1 - S[i, j]) for every other pair of the batch, summed,
+and counted for i2t and again for t2i as PCME sums its two (identical) directions. The logs are taken in
+log space (log mean sigmoid = logsumexp logsigmoid - log K^2): at PCME's initial scale the probabilities
+underflow in fp32, their logs do not. KL: sum over the batch's items and dims of KL(N(mu, sigma^2) ||
+N(0, I)), PCME's VIB regulariser. DAA: daa_loss.DAALoss's terms on S, as for every module.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from daa_loss import DAALoss
+
+
+def soft_contrastive_loss(logits):
+    """PCME's soft contrastive NLL of match logits (N, N, K, K'), own pairs on the diagonal: 0-dim tensor."""
+    n = logits.size(0)
+    samples = logits.size(2) * logits.size(3)
+    flat = logits.reshape(n, n, samples)
+    log_match = torch.logsumexp(F.logsigmoid(flat), 2) - math.log(samples)  # log S
+    log_mismatch = torch.logsumexp(F.logsigmoid(-flat), 2) - math.log(samples)  # log (1 - S)
+    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+    return -2 * torch.where(eye, log_match, log_mismatch).sum()
+
+
+class PCMELoss(DAALoss):
+    """forward(PCMEBatch, M (N, N) or None) -> dict of 0-dim tensors: loss, contrastive_loss (the soft
+    contrastive), vib_loss (vib_weight x KL), daa_i2t_loss, daa_t2i_loss. `max_violation` is accepted and
+    ignored (PCME has no hinge), so train.compute_losses calls every criterion alike."""
+
+    def __init__(self, vib_weight=1e-5, daa_weight=25, daa_temp=0.001, daa_variant="reference"):
+        super().__init__(daa_weight=daa_weight, daa_temp=daa_temp, daa_variant=daa_variant)
+        self.vib_weight = vib_weight
+
+    def forward(self, batch, M=None, max_violation=None):
+        # in >= fp32 even under autocast, as DAALoss
+        sims, logits, kl = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in batch)
+        contrastive = soft_contrastive_loss(logits)
+        vib = self.vib_weight * kl
+        daa_i2t, daa_t2i = self.daa_terms(sims, M)
+        return {"loss": contrastive + vib + daa_i2t + daa_t2i, "contrastive_loss": contrastive, "vib_loss": vib,
+                "daa_i2t_loss": daa_i2t, "daa_t2i_loss": daa_t2i}
