@@ -75,10 +75,10 @@ def test_two_stage_values_against_sorting(seed, levels, k, monkeypatch):
 
 @pytest.fixture(scope="module")
 def models(synth, tmp_path_factory):
-    """Tiny untrained checkpoints: an SGR and an SAF (the main models) and another SAF (the shortlist)."""
+    """Tiny untrained checkpoints: an SGR and an SAF (the main models) and a VSE embedding model (the shortlist)."""
     d = tmp_path_factory.mktemp("shortlist_ckpt")
     return {name: _tiny_checkpoint(synth, str(d / f"{name}.pth.tar"), module, seed)
-            for name, module, seed in (("sgr", "SGR", 0), ("saf", "SAF", 1), ("shortlist", "SAF", 2))}
+            for name, module, seed in (("sgr", "SGR", 0), ("saf", "SAF", 1), ("shortlist", "VSE", 2))}
 
 
 def _argv(synth, *extra):
@@ -133,7 +133,7 @@ def test_small_shortlist_against_brute_force(synth, models, tmp_path, one_thread
     assert_same(report, brute_report(L, S, SemanticRelevance(captions).matrix(), k))
     info = report["shortlist"]
     assert info["pairs_scored"] == brute_pairs(L, k) and info["pairs_total"] == S.size
-    assert info["k"] == k and info["checkpoint"] == models["shortlist"] and info["module_name"] == "SAF"
+    assert info["k"] == k and info["checkpoint"] == models["shortlist"] and info["module_name"] == "VSE"
 
 
 def _altered_checkpoint(source, path, **changes):
