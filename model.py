@@ -43,10 +43,11 @@ def linear(x, weight, bias=None, relu=False):
     On the CPU, in fp32, outside autograd and autocast (scoring, and the forward of the local alignment
     autograd function below) it calls oneDNN's linear kernel, ReLU fused: at the model's shapes it
     measured 1.2-1.3x MKL's addmm (one thread), and the ReLU runs on each output block while it is in
-    cache instead of in a second pass over the whole output.
+    cache instead of in a second pass over the whole output. Under torch.compile, F.linear: the compiler
+    chooses its own kernels (and cannot lower this one's eager call).
     """
     if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and ONEDNN
-            and not torch.is_autocast_enabled("cpu")
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
     out = F.linear(x, weight, bias)
