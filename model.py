@@ -40,11 +40,10 @@ def l2norm(X, dim=-1, eps=1e-8):
 def linear(x, weight, bias=None, relu=False):
     """F.linear, then ReLU when `relu`: x (..., in), weight (out, in), bias (out,) -> (..., out).
 
-    On the CPU, in fp32, outside autograd and autocast (scoring, and the forward of the local alignment
-    autograd function below) it calls oneDNN's linear kernel, ReLU fused: at the model's shapes it
-    measured 1.2-1.3x MKL's addmm (one thread), and the ReLU runs on each output block while it is in
-    cache instead of in a second pass over the whole output. Under torch.compile, F.linear: the compiler
-    chooses its own kernels (and cannot lower this one's eager call).
+    On the CPU, in fp32, outside autograd and autocast (scoring) it calls oneDNN's linear kernel, ReLU
+    fused: at the model's shapes it measured 1.2-1.3x MKL's addmm (one thread), and the ReLU runs on each
+    output block while it is in cache instead of in a second pass over the whole output. Under
+    torch.compile, F.linear: the compiler chooses its own kernels (and cannot lower this one's eager call).
     """
     if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and ONEDNN
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
@@ -310,7 +309,9 @@ class _LocalAlignment(torch.autograd.Function):
         norm = torch.linalg.vector_norm(buf, dim=-1, keepdim=True)
         buf.div_(norm + 1e-8).sub_(w).square_()
         ctx.save_for_backward(aT, V, w, weight, norm)
-        return linear(buf, weight, bias)
+        # Training keeps F.linear (MKL's product, the caption loop's): oneDNN's sums in another order, and a
+        # one-ulp change of a score can flip DAA's min/max ratio at a near-tie, changing the gradient.
+        return F.linear(buf, weight, bias) if any(ctx.needs_input_grad) else linear(buf, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
