@@ -304,14 +304,14 @@ class _LocalAlignment(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, aT, V, w, weight, bias):
+    def forward(ctx, aT, V, w, weight, bias, scoring):
         buf = torch.bmm(aT.transpose(1, 2), V)  # context (n_i, W, d)
         norm = torch.linalg.vector_norm(buf, dim=-1, keepdim=True)
         buf.div_(norm + 1e-8).sub_(w).square_()
         ctx.save_for_backward(aT, V, w, weight, norm)
         # Training keeps F.linear (MKL's product, the caption loop's): oneDNN's sums in another order, and a
         # one-ulp change of a score can flip DAA's min/max ratio at a near-tie, changing the gradient.
-        return F.linear(buf, weight, bias) if any(ctx.needs_input_grad) else linear(buf, weight, bias)
+        return linear(buf, weight, bias) if scoring else F.linear(buf, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -330,18 +330,20 @@ class _LocalAlignment(torch.autograd.Function):
         gu = ge.div_(norm + 1e-8).addcmul_(c, dot / norm.clamp_min(1e-12), value=-1)
         grad_aT = torch.bmm(V, gu.transpose(1, 2))
         grad_V = torch.bmm(aT, gu)
-        return grad_aT, grad_V, grad_w, grad_weight, grad_bias
+        return grad_aT, grad_V, grad_w, grad_weight, grad_bias, None
 
 
 def local_alignment(aT, V, w, weight, bias):
-    """`_LocalAlignment` in one dtype (autocast's where it is on, as the matmuls inside would run)."""
+    """`_LocalAlignment` in one dtype (autocast's where it is on, as the matmuls inside would run); scoring
+    (no gradient wanted) where autograd would record nothing."""
     device = V.device.type
+    scoring = not (torch.is_grad_enabled() and any(t.requires_grad for t in (aT, V, w, weight, bias)))
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            return _LocalAlignment.apply(*(t.to(dtype) for t in (aT, V, w, weight, bias)))
+            return _LocalAlignment.apply(*(t.to(dtype) for t in (aT, V, w, weight, bias)), scoring)
     dtype = V.dtype
-    return _LocalAlignment.apply(*(t.to(dtype) for t in (aT, V, w, weight, bias)))
+    return _LocalAlignment.apply(*(t.to(dtype) for t in (aT, V, w, weight, bias)), scoring)
 
 
 class EncoderSimilarity(nn.Module):
