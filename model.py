@@ -299,8 +299,9 @@ class _LocalAlignment(torch.autograd.Function):
     """y = W ((l2norm(a^T V) - w)^2) + b without keeping any (n_i, words, d) tensor for backward.
 
     aT (n_i, R, W) attention of each word over the regions, V (n_i, R, d) regions, w (W, d) words,
-    weight (s, d), bias (s,) -> (n_i, W, s). The context a^T V is recomputed in backward from the small
-    attention (R = 36 floats per pair-word instead of d), which is what bounds the training memory.
+    weight (s, d), bias (s,), scoring (True where no gradient is wanted: `linear`'s kernel) -> (n_i, W, s).
+    The context a^T V is recomputed in backward from the small attention (R = 36 floats per pair-word
+    instead of d), which is what bounds the training memory.
     """
 
     @staticmethod
