@@ -155,6 +155,11 @@ def _rprecision(scores, queries, query_image, gallery_image, dist, max_thres):
     """
     n_q, n_g = len(queries), scores.shape[1]
     left_out = gallery_image < 0
+    # R of every query image at every threshold, (max_thres, n + 1), from the image distances and how many
+    # gallery items each image has (5 captions or 1 image) rather than counted over every chunk's (b, n_g)
+    # distances: one product (float32 holds these counts exactly) of an (n + 1)^2 mask per threshold.
+    copies = np.bincount(gallery_image[~left_out], minlength=len(dist)).astype(np.float32)
+    plausible_count = np.stack([(dist <= t).astype(np.float32) @ copies for t in range(max_thres)]).astype(np.int64)
     rp = np.empty((max_thres, n_q))
     r1 = np.empty((max_thres, n_q))
     step = max(1, CHUNK_ELEMENTS // max(1, n_g))
@@ -164,17 +169,17 @@ def _rprecision(scores, queries, query_image, gallery_image, dist, max_thres):
         block[:, left_out] = -np.inf
         picks = np.arange(block.shape[0])
         top = np.argmax(block, axis=1)
-        dists = dist[query_image[rows, None], gallery_image[None, :]]  # (b, n_g)
+        dists = np.take(dist[query_image[rows]], gallery_image, axis=1)  # (b, n_g)
+        R = plausible_count[:, query_image[rows]]  # (max_thres, b)
         # The R-th largest score for every R up to the chunk's largest R (that of the last threshold):
         # partition off the top K values and sort only those (a full sort when K is large).
-        K = int(np.count_nonzero(dists <= max_thres - 1, axis=1).max())
+        K = int(R[-1].max())
         largest = np.partition(block, n_g - K, axis=1)[:, n_g - K:] if K < n_g // 2 else block
         largest = np.sort(largest, axis=1)  # ascending; the R-th largest is at [-R]
         for t in range(max_thres):
             plausible = dists <= t
-            R = np.count_nonzero(plausible, axis=1)
-            v = largest[picks, largest.shape[1] - R][:, None]
-            rp[t, rows] = np.count_nonzero(top_mask(block, v, R) & plausible, axis=1) / R
+            v = largest[picks, largest.shape[1] - R[t]][:, None]
+            rp[t, rows] = np.count_nonzero(top_mask(block, v, R[t]) & plausible, axis=1) / R[t]
             r1[t, rows] = plausible[picks, top]
     return rp, r1
 

@@ -1,6 +1,11 @@
-"""bench.py as a smoke run: --quick in-process, every row present, project and baseline outputs agree."""
+"""bench.py as a smoke run: --quick in-process, every row present, project and baseline outputs agree; its
+flop counts against torch's own."""
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+import model
+from model import SimilarityModel
 from tools import bench
 
 
@@ -14,7 +19,7 @@ def test_quick_benchmark_has_every_row_and_the_outputs_agree(tmp_path):
                 ("training step SAF", ""), ("ASP", ""), ("TF-IDF relevance", ""),
                 ("np2h", f"{quick['np2h_images']} images"), ("np2h", "COCO train")]
     expected += [("DAA loss", f"N = {n}") for n in quick["daa"]]
-    expected += [("PMRP", f"{n} images") for n in quick["pmrp"]]
+    expected += [("PMRP", f"{n} images") for n in quick["pmrp"]] + [("PMRP, whole process", "")]
     expected += [(f"shortlist K = {k}", "") for k in quick["shortlist_k"]]
     assert len(rows) == len(expected)
     for case, size in expected:
@@ -27,4 +32,21 @@ def test_quick_benchmark_has_every_row_and_the_outputs_agree(tmp_path):
             assert r["diff"] <= bench.TOLERANCE, (r["case"], r["size"], r["diff"])
     assert sum(r["diff"] is None for r in rows) == 1
     assert "| target | measured | met |" in table
-    assert not list(tmp_path.glob("bench_np2h_*"))  # the np2h files are removed
+    assert not list(tmp_path.glob("bench_np2h_*")) and not list(tmp_path.glob("bench_pmrp_*"))  # files removed
+    assert sum(r["flops"] is not None for r in rows) == 4  # similarity and training rows: roofline column
+    assert "sgemm rate" in table and "(share of sgemm)" in table
+
+
+@pytest.mark.parametrize("module_name", ["SGR", "SAF"])
+def test_similarity_flops_are_the_products_torch_counts(module_name, monkeypatch):
+    """similarity_flops against torch's FlopCounterMode over one eval forward (captions of one length: no
+    padding, which the count leaves out), F.linear instead of oneDNN's kernel, which the counter does not see."""
+    monkeypatch.setattr(model, "ONEDNN", False)
+    dims, sgr_step = (20, 16, 32, 16), 3
+    torch.manual_seed(0)
+    sim_enc = SimilarityModel(bench.model_options(dims, 40, module_name)).sim_enc.eval()
+    lengths = torch.full((4,), 5)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        sim_enc(torch.rand(3, 36, 32), torch.rand(4, 5, 32), lengths)
+    uncounted = 2 * dims[3] * sgr_step if module_name == "SGR" else 0  # b_q . b_k per step: aten.dot, not counted
+    assert bench.similarity_flops(3, lengths, dims, module_name, sgr_step) == counter.get_total_flops() + uncounted
