@@ -169,16 +169,19 @@ class GraphReasoning(nn.Module):
         init_weights(self)
 
     def edge_weights(self):
-        """The query and key projections folded into one (s + 1, s) weight and (s + 1,) bias (see forward):
-        computed once per forward pass, not once per chunk of captions."""
+        """The query and key projections folded into one (s + 1, s) weight and (s + 1,) bias (see forward)."""
         query_w, key_w = self.graph_query_w, self.graph_key_w
         weight = torch.cat([key_w.weight.t() @ query_w.weight, (key_w.bias @ query_w.weight).unsqueeze(0)])
         bias = torch.cat([query_w.bias @ key_w.weight, (query_w.bias @ key_w.bias).view(1)])
         return weight, bias
 
-    def forward(self, nodes, key_mask, edge_weights, first_only=False):
-        """nodes (..., N, s), key_mask (..., N) bool (padded nodes are never keys), edge_weights from
-        `edge_weights()` -> (..., N or 1, s).
+    def forward(self, nodes, key_mask, edge_weights=None, first_only=False):
+        """nodes (..., N, s), key_mask (..., N) bool (padded nodes are never keys) -> (..., N or 1, s).
+
+        edge_weights: `edge_weights()`, computed once for every chunk of a scoring pass, whose probe and
+        offset then come out of one product. None (training): computed here, per chunk, and the offset in a
+        product of its own, as before scoring was folded: one (s + 1)-column product sums in another order,
+        and a one-ulp change compounds over a run (SGR's saved runs would no longer repeat bit for bit).
 
         Edge logits q_n . k_m = (W_q x_n + b_q) . (W_k x_m + b_k) = p_n . x_m + q_n . b_k with
         p_n = W_k^T q_n = (W_k^T W_q) x_n + W_k^T b_q: one s x s product per node instead of two; q_n . b_k
@@ -187,9 +190,14 @@ class GraphReasoning(nn.Module):
         sees every parameter used.) `first_only` updates node 0 alone (all SGR reads after its last step).
         """
         queries = nodes[..., :1, :] if first_only else nodes
-        probe = linear(queries, *edge_weights)  # (..., N or 1, s + 1)
         s = nodes.size(-1)
-        logits = torch.matmul(probe[..., :s], nodes.transpose(-1, -2)).add_(probe[..., s:])
+        if edge_weights is None:
+            weight, bias = self.edge_weights()
+            probe, offset = F.linear(queries, weight[:s], bias[:s]), F.linear(queries, weight[s:], bias[s:])
+        else:
+            probe = linear(queries, *edge_weights)  # (..., N or 1, s + 1)
+            probe, offset = probe[..., :s], probe[..., s:]
+        logits = torch.matmul(probe, nodes.transpose(-1, -2)).add_(offset)
         edges = torch.softmax(logits.masked_fill_(~key_mask.unsqueeze(-2), float("-inf")), dim=-1)
         return linear(torch.matmul(edges, nodes), self.sim_graph_w.weight, self.sim_graph_w.bias, relu=True)
 
@@ -396,7 +404,8 @@ class EncoderSimilarity(nn.Module):
         order = torch.argsort(lengths, descending=True, stable=True)
         sorted_lengths = lengths[order].tolist()
         saf_batch_stats = self.module_name == "SAF" and self.SAF_module.uses_batch_stats()
-        edge_weights = [module.edge_weights() for module in self.SGR_module] if self.module_name == "SGR" else []
+        if self.module_name == "SGR":  # folded once for all chunks when scoring (see GraphReasoning.forward)
+            edge_weights = [None if torch.is_grad_enabled() else module.edge_weights() for module in self.SGR_module]
         scores, pending, start = [], [], 0
         while start < n_c:
             width = sorted_lengths[start]  # the longest caption of the chunk
