@@ -33,6 +33,14 @@ abs difference of their outputs, and prints one Markdown table (also written to 
   tfidf       semantic relevance of COCO-train-many captions (566,435; Zipf words): baselines/
               tfidf_dense.py (dense TF-IDF + dense M) on two subsets, extrapolated, vs
               daa_loss.SemanticRelevance (sparse) at full size; diff on the larger subset.
+  embedding   COCO-5K-sized evaluation of an embedding model (5,000 images x 25,000 captions, full dims,
+              random weights and inputs, captions of COCO-like lengths), VSE and PCME (means' scoring):
+              evaluation.compute_sims (each image and caption encoded once, blocks scored by matrix
+              product) + R@K + ASP (evaluation.score_matrix, against a random relevance made beforehand)
+              + PMRP (random category codes, as the pmrp case), end to end. The encoders' achieved GFLOP/s
+              (analytic flops of the fc and the bi-GRU / their measured time) is in the note. Baseline: SGR's
+              pairs/s on a small subset (encoders excluded), extrapolated to the 125 M pairs; there is no
+              baseline to diff against, so the diff column is empty.
   np2h        a several-hundred-MB {split}_ims.npy to HDF5: the original's whole-file load vs np2h.convert
               (streamed); then both scaled to COCO train (31 GB), where the whole-file load cannot run.
   shortlist   two-stage retrieval (evaluation.py --shortlist) at COCO 5K (5,000 x 25,000), K = 10 / 50 / 100,
@@ -84,6 +92,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import h5py
 import numpy as np
@@ -106,7 +115,7 @@ from layout import REGIONS
 from model import SimilarityModel
 from pmrp_com.pmrp import pmrp_scores
 
-CASES = ("similarity", "train", "daa", "asp", "pmrp", "tfidf", "np2h", "shortlist")
+CASES = ("similarity", "train", "daa", "asp", "pmrp", "tfidf", "embedding", "np2h", "shortlist")
 REPEAT_UNDER_S = 1.0  # runs shorter than this are repeated (best of MAX_RUNS)
 MAX_RUNS = 3  # 1 with --quick, a smoke run
 COCO_TRAIN_IMAGES = 113287  # (113,287, 36, 2048) float32 = 31.1 GB (MB and GB here are 2^20 and 2^30 bytes)
@@ -114,12 +123,12 @@ COCO_TRAIN_IMAGES = 113287  # (113,287, 36, 2048) float32 = 31.1 GB (MB and GB h
 SIZES = {
     "full": dict(dims=(2048, 300, 1024, 256), vocab=10000, sim_images=100, sim_captions=300, shard=100,
                  batch=128, daa=(128, 256, 512), asp=5000, pmrp=(1000, 5000), pmrp_subsets=(1000, 2000),
-                 tfidf=566435, tfidf_subsets=(10000, 20000), np2h_images=2000, shortlist_scale=(5000, 25000),
-                 shortlist_k=(10, 50, 100), shortlist_block=(20, 100), shortlist_images=4),
+                 tfidf=566435, tfidf_subsets=(10000, 20000), np2h_images=2000, emb_images=5000, emb_sgr=(10, 50),
+                 shortlist_scale=(5000, 25000), shortlist_k=(10, 50, 100), shortlist_block=(20, 100), shortlist_images=4),
     "quick": dict(dims=(128, 32, 64, 32), vocab=500, sim_images=12, sim_captions=30, shard=10,
                   batch=12, daa=(16, 32, 64), asp=100, pmrp=(50, 200), pmrp_subsets=(50, 100),
-                  tfidf=5000, tfidf_subsets=(500, 1000), np2h_images=40, shortlist_scale=(200, 1000),
-                  shortlist_k=(10, 50, 100), shortlist_block=(12, 30), shortlist_images=3),
+                  tfidf=5000, tfidf_subsets=(500, 1000), np2h_images=40, emb_images=60, emb_sgr=(5, 20),
+                  shortlist_scale=(200, 1000), shortlist_k=(10, 50, 100), shortlist_block=(12, 30), shortlist_images=3),
 }
 # On a GPU the baselines are cheap enough to score more pairs (the project needs them to fill the device).
 CUDA_SIZES = dict(sim_images=500, sim_captions=1000)
@@ -244,13 +253,13 @@ def max_abs_diff(pairs):
 
 
 def row(case, size, base, proj, diff=None, pairs=None, note="", extrapolated=False, proj_extrapolated=False,
-        mem="RSS", flops=None):
+        mem="RSS", flops=None, **extra):
     """One table row; base / proj are (seconds, peak MB) of the baseline and the project; `extrapolated`
     marks the baseline's figures as estimates, `proj_extrapolated` the project's time; `flops`: the
-    project's matrix-product flops, for the roofline column."""
+    project's matrix-product flops, for the roofline column; `extra`: case-specific figures for the targets."""
     return dict(case=case, size=size, base_s=base[0], base_mb=base[1], proj_s=proj[0], proj_mb=proj[1],
                 diff=diff, pairs=pairs, note=note, extrapolated=extrapolated, proj_extrapolated=proj_extrapolated,
-                mem=mem, flops=flops)
+                mem=mem, flops=flops, **extra)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -577,6 +586,95 @@ def bench_pmrp(sizes, tmp_dir):
     return rows
 
 
+class RandomBatches:
+    """An evaluation loader of random inputs, made batch by batch (COCO 5K's features alone are 1.4 GB):
+    images yield (features (b, 36, img_dim), ids), captions (word ids (b, L_b), lengths (b,), ids) with
+    COCO-like lengths, 6 + Poisson(5.5) words (mean 11.5, as SCAN's tokenised COCO captions)."""
+
+    def __init__(self, n, sizes, captions, batch_size=128, seed=0):
+        self.n, self.sizes, self.captions, self.batch_size, self.seed = n, sizes, captions, batch_size, seed
+
+    def __len__(self):
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        for start in range(0, self.n, self.batch_size):
+            b = min(self.batch_size, self.n - start)
+            ids = torch.arange(start, start + b)
+            if not self.captions:
+                yield torch.rand(b, 36, self.sizes["dims"][0], generator=gen), ids
+                continue
+            lengths = 6 + torch.poisson(torch.full((b,), 5.5), generator=gen).long()
+            words = torch.randint(4, self.sizes["vocab"], (b, int(lengths.max())), generator=gen)
+            yield words.masked_fill(torch.arange(words.shape[1]) >= lengths[:, None], 0), lengths, ids
+
+
+def encoder_flops(sizes, n_images, caption_words):
+    """Multiply-adds x 2 of the image fc (every region) and the bi-GRU (every word, both directions:
+    3 gates x (input + hidden) matrix products)."""
+    img_dim, word_dim, embed_size, _ = sizes["dims"]
+    return 2 * n_images * 36 * img_dim * embed_size + 2 * 2 * caption_words * 3 * embed_size * (word_dim + embed_size)
+
+
+def bench_embedding(sizes, device):
+    """COCO-5K-sized evaluation of VSE and PCME end to end, against SGR's pairs/s extrapolated."""
+    n_i = sizes["emb_images"]
+    n_c = 5 * n_i
+    images, captions = RandomBatches(n_i, sizes, False, seed=1), RandomBatches(n_c, sizes, True, seed=2)
+    caption_words = sum(int(batch[1].sum()) for batch in captions)
+    rng = np.random.default_rng(4)
+    relevance = rng.random((n_i, n_c), dtype=np.float32)
+    codes = random_codes(n_i)
+    # SGR on a subset, encoders excluded (generous to SGR), as evaluation.similarity_block scores it
+    sgr = build_model(sizes, "SGR", device).eval()
+    sub_i, sub_c = sizes["emb_sgr"]
+    sub_images, sub_captions, sub_lengths = random_inputs(sub_i, sub_c, sizes, device, seed=5)
+    with torch.no_grad():
+        img_embs, cap_embs = sgr.encode_images(sub_images), sgr.encode_captions(sub_captions, sub_lengths)
+        sgr.similarity(img_embs[:2], cap_embs[:4], sub_lengths[:4])  # warm-up
+        sgr_s, sgr_mb, _ = measure(lambda: sgr.similarity(img_embs, cap_embs, sub_lengths), device)
+    del sgr
+    sgr_pairs_per_s = sub_i * sub_c / sgr_s
+    rows = []
+    for module_name in ("VSE", "PCME"):
+        torch.manual_seed(0)
+        model = SimilarityModel(argparse.Namespace(**vars(model_options(sizes["dims"], sizes["vocab"], module_name)),
+                                                   vse_pool="mean", pcme_samples=7)).to(device).eval()
+        encode_s, scoring_mb = [], []
+        real_encode = evaluation.encode
+
+        def timed_encode(*args):
+            start = time.perf_counter()
+            out = real_encode(*args)
+            encode_s.append(time.perf_counter() - start)
+            return out
+
+        def project():
+            start_mb = _status_mb("VmRSS")  # measure() has just reset the peak mark
+            with mock.patch.object(evaluation, "encode", timed_encode):
+                sims = evaluation.compute_sims(model, images, captions, device=device)
+            scoring_mb.append(_status_mb("VmHWM") - start_mb)  # the peak of encoding + the matrix
+            return evaluation.score_matrix(sims, relevance), pmrp_scores(sims, codes, n_fold=0)
+
+        total_s, peak_mb, (metrics, _) = measure(project, device, once=True)
+        gflops = encoder_flops(sizes, n_i, caption_words) / encode_s[-1] / 1e9
+        score_gflop = 2 * n_i * n_c * sizes["dims"][2] / 1e9
+        rows.append(row(f"embedding {module_name}", f"{n_i} images x {n_c} captions, dims "
+                        f"{'/'.join(map(str, sizes['dims'][:3]))}", (n_i * n_c / sgr_pairs_per_s, sgr_mb),
+                        (total_s, peak_mb), extrapolated=True, mem=_torch_mem(device), scoring_mb=scoring_mb[-1],
+                        note=f"encode {encode_s[-1]:.1f} s ({gflops:.0f} GFLOP/s achieved by the encoders, "
+                             f"{caption_words:,} words), then scoring ({score_gflop:.0f} GFLOP of matrix "
+                             f"product) + R@K + ASP + PMRP {total_s - encode_s[-1]:.1f} s; peak of encoding + "
+                             f"matrix {scoring_mb[-1]:,.0f} MB, one (n_i, n_c) float32 matrix being "
+                             f"{n_i * n_c * 4 / 2 ** 20:,.0f} MB (the project peak adds ASP's and PMRP's "
+                             f"buffers). Baseline: SGR at "
+                             f"{sgr_pairs_per_s:,.0f} pairs/s ({sub_i} x {sub_c} pairs, encoders excluded, its "
+                             f"peak memory there) extrapolated to {n_i * n_c:,} pairs"
+                             + ("; PCME scored by its means" if module_name == "PCME" else "")))
+    return rows
+
+
 def bench_tfidf(sizes):
     """Semantic relevance of n captions: dense (subsets, extrapolated) vs sparse (full size)."""
     n = sizes["tfidf"]
@@ -844,7 +942,13 @@ def targets(rows, sizes, sgemm=None):
                     "yes" if asp["proj_s"] < 20 and speed >= 1 and asp["proj_mb"] < matrix_mb else "no"))
     for r in rows:
         achieved = roofline(r, sgemm)
-        if r["case"].startswith("similarity") and achieved:
+        if r["case"].startswith("embedding"):
+            matrices_mb = 2 * 5 * sizes["emb_images"] ** 2 * 4 / 2 ** 20
+            out.append((f"{r['case']}: {r['size'].split(',')[0]} scored, encoding included, with R@K, ASP and PMRP "
+                        f"in < 120 s; encoding + scoring below two score matrices of memory",
+                        f"{r['proj_s']:.0f} s, {r['scoring_mb']:.0f} MB",
+                        "yes" if r["proj_s"] < 120 and r["scoring_mb"] < matrices_mb else "no"))
+        elif r["case"].startswith("similarity") and achieved:
             ok = r["diff"] <= SIMILARITY_TOLERANCE
             out.append((f"{r['case']}: >= 75 % of the sgemm rate, outputs within {SIMILARITY_TOLERANCE:g}",
                         f"{100 * achieved[1]:.0f} %, max abs diff {r['diff']:.1e}",
@@ -873,8 +977,8 @@ def run_cases(args, sizes, device):
     runners = {"similarity": lambda: bench_similarity(sizes, device, args.compile),
                "train": lambda: bench_train(sizes, device), "daa": lambda: bench_daa(sizes, device),
                "asp": lambda: bench_asp(sizes), "pmrp": lambda: bench_pmrp(sizes, args.tmp_dir),
-               "tfidf": lambda: bench_tfidf(sizes), "np2h": lambda: bench_np2h(sizes, args.tmp_dir),
-               "shortlist": lambda: bench_shortlist(sizes, device, quality)}
+               "tfidf": lambda: bench_tfidf(sizes), "embedding": lambda: bench_embedding(sizes, device),
+               "np2h": lambda: bench_np2h(sizes, args.tmp_dir), "shortlist": lambda: bench_shortlist(sizes, device, quality)}
     rows = []
     for case in CASES:
         if case in args.cases:
