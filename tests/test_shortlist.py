@@ -11,7 +11,7 @@ import checkpoint
 import errors
 import evaluation
 from daa_loss import SemanticRelevance
-from tests.test_evaluation import KEYS, _expect_error, _tiny_checkpoint, brute_ranks, brute_summary
+from tests.test_evaluation import KEYS, _expect_error, _tiny_checkpoint, assert_scores, brute_ranks, brute_summary
 from tools.baselines.asp_sort import asp_loop
 
 
@@ -45,13 +45,6 @@ def brute_pairs(shortlist, k):
     return len(rows | cols)
 
 
-def assert_same(report, expected):
-    for d in ("i2t", "t2i"):
-        for key in KEYS:
-            assert report[d][key] == pytest.approx(expected[d][key], abs=1e-9), (d, key)
-    assert report["rsum"] == pytest.approx(expected["rsum"], abs=1e-9)
-
-
 @pytest.mark.parametrize("seed,levels,k", [(0, 3, 3), (1, 4, 7), (2, 1000, 2), (3, 2, 40)])
 def test_two_stage_values_against_sorting(seed, levels, k, monkeypatch):
     """Few score levels: ties in the shortlist (which candidates, and the order of the rest) and among the
@@ -68,9 +61,9 @@ def test_two_stage_values_against_sorting(seed, levels, k, monkeypatch):
     i2t_values = evaluation.two_stage_values(shortlist, scores, i2t_mask)
     t2i_values = evaluation.two_stage_values(shortlist.T, scores.T, t2i_mask.T).T
     report = evaluation.score_matrix(i2t_values, relevance, t2i_values)
-    assert_same(report, brute_report(shortlist, scores, relevance, k))
+    assert_scores(report, brute_report(shortlist, scores, relevance, k))
     if k >= 40:  # every item a candidate: the main model's own ranking
-        assert_same(report, evaluation.score_matrix(scores, relevance))
+        assert_scores(report, evaluation.score_matrix(scores, relevance))
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +123,7 @@ def test_small_shortlist_against_brute_force(synth, models, tmp_path, one_thread
     report = _run(synth, tmp_path, "--model_path", models["sgr"], "--model_path2", models["saf"],
                   "--shortlist", models["shortlist"], "--shortlist_k", str(k))
     captions = open(os.path.join(synth.coco_root, "testall_caps.txt"), encoding="utf-8").read().splitlines()
-    assert_same(report, brute_report(L, S, SemanticRelevance(captions).matrix(), k))
+    assert_scores(report, brute_report(L, S, SemanticRelevance(captions).matrix(), k))
     info = report["shortlist"]
     assert info["pairs_scored"] == brute_pairs(L, k) and info["pairs_total"] == S.size
     assert info["k"] == k and info["checkpoint"] == models["shortlist"] and info["module_name"] == "VSE"
