@@ -41,8 +41,8 @@ from errors import InputError
 ROOT = os.path.dirname(os.path.abspath(__file__))
 THREADED_SCRIPTS = ("train.py", "evaluation.py")  # the steps that take --threads
 
-# Dataset sizes (images per split) and model/training settings. "full" takes about 5 minutes (4.8
-# measured) on an idle 2-core CPU, many times longer with the default threads when other jobs share the
+# Dataset sizes (images per split) and model/training settings. "full" takes about 7 minutes (7.1
+# measured, with VSE) on an idle 2-core CPU, many times longer with the default threads when other jobs share the
 # cores (--threads 1 then); "quick" well under a minute. A high learning rate with the violations summed
 # (--warmup_epochs) learns fast; hardest-negative mining from the first step learns very slowly on small
 # data, and switching to it at that high rate made SGR collapse (dev R@1 near 0) in our runs, hence the
