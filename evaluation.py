@@ -32,6 +32,7 @@ scored; R@K and ASP are those of the two rankings (i2t and t2i differ), K >= the
 """
 import concurrent.futures
 import contextlib
+import ctypes
 import json
 import os
 import sys
@@ -329,6 +330,16 @@ def precision(name, device):
         torch.set_float32_matmul_precision(previous)
 
 
+def release_freed_memory():
+    """Hand the memory the C allocator keeps after frees back to the OS (glibc's malloc_trim; a no-op where
+    it is missing). The encoders' batch buffers, freed after encoding, would otherwise stay in the process
+    beside the score matrix (COCO 5K with an embedding model: the peak was 1.08 GB, over two matrices)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def compute_sims(model, image_loader, caption_loader, shard_size=1000, device=None, blocks=None,
                  precision_name="fp32"):
     """The (n_img, n_cap) similarity matrix of a model, float32, in shards of images x captions.
@@ -344,6 +355,7 @@ def compute_sims(model, image_loader, caption_loader, shard_size=1000, device=No
     model.to(device).eval()
     with precision(precision_name, device):
         img_embs, captions = encode(model, image_loader, caption_loader, device)
+        release_freed_memory()
         wanted = blocks if blocks is not None else [((0, len(img_embs)), (0, sum(len(c[2]) for c in captions)))]
         pairs = sum((i1 - i0) * (c1 - c0) for (i0, i1), (c0, c1) in wanted)
         with tqdm(total=pairs // world, desc="similarities", unit="pair", unit_scale=True,
