@@ -82,7 +82,6 @@ alignment's backward recomputes the context (2LRd per pair) to save memory: over
 """
 import argparse
 import copy
-import ctypes
 import datetime
 import gc
 import os
@@ -141,9 +140,6 @@ SGEMM_SIZE = 1024  # the square product whose fp32 rate is the roofline column's
 # Measurement
 
 
-_libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-
-
 def _status_mb(field):
     """A /proc/self/status memory field (VmRSS, VmHWM) in MB."""
     with open("/proc/self/status") as f:
@@ -156,7 +152,7 @@ def _status_mb(field):
 def _reset_peak():
     """Hand freed memory back, reset the peak-RSS mark; returns the RSS (MB) the peak is counted from."""
     gc.collect()
-    _libc.malloc_trim(0)
+    evaluation.release_freed_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _status_mb("VmRSS")
@@ -1015,7 +1011,7 @@ def main(argv=None):
         raise InputError("--shortlist_models and --shortlist_data go together (the quality rows of the shortlist case)")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
-    if not os.path.exists("/proc/self/clear_refs") or _libc is None:
+    if not os.path.exists("/proc/self/clear_refs"):
         raise InputError("bench.py measures peak memory through /proc/self/clear_refs: it needs Linux")
     device = evaluation.resolve_device(args.device)
     global MAX_RUNS
