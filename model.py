@@ -61,6 +61,11 @@ def linear(x, weight, bias=None, relu=False):
     return torch.relu_(out) if relu else out
 
 
+def masked_mean(local, mask):
+    """Mean over the real positions: local (n, P, d) with 0 at padded positions, mask (n, P) -> (n, d)."""
+    return local.sum(1) / mask.sum(1, keepdim=True).to(local.dtype)
+
+
 def strip_module_prefix(state_dict):
     """Drop DDP's leading 'module.' from every key (the original's checkpoints, and ours, carry it)."""
     return {(key[len("module."):] if key.startswith("module.") else key): value for key, value in state_dict.items()}
@@ -149,10 +154,9 @@ class TextSA(nn.Module):
         init_weights(self)
 
     def forward(self, local, mask):
-        """`local` must be 0 at padded words (mean = sum / number of real words)."""
-        mean = local.sum(1) / mask.sum(1, keepdim=True).to(local.dtype)
+        """`local` must be 0 at padded words (see masked_mean)."""
         l_emb = self.embedding_local(local)
-        g_emb = self.embedding_global(mean)
+        g_emb = self.embedding_global(masked_mean(local, mask))
         logits = self.embedding_common(l_emb * g_emb.unsqueeze(1)).squeeze(2)
         weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
         return l2norm(torch.bmm(weights.unsqueeze(1), local).squeeze(1), dim=-1)
@@ -481,11 +485,6 @@ def in_score_precision(tensor):
 def word_mask(lengths, width, device):
     """(n, width) bool, True at each caption's real words; lengths (n,) int."""
     return torch.arange(width, device=device) < torch.as_tensor(lengths, device=device)[:, None]
-
-
-def masked_mean(local, mask):
-    """Mean over the real positions: local (n, P, d) with 0 at padded positions, mask (n, P) -> (n, d)."""
-    return local.sum(1) / mask.sum(1, keepdim=True).to(local.dtype)
 
 
 def pool(local, mask, how):
