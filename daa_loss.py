@@ -18,6 +18,8 @@ tensor at N = 512. Here the comparisons are made in blocks of queries, forward a
 custom autograd function that keeps only the N x N inputs and recomputes each block's sigmoids in the
 backward pass. The relevance ranks need no gradient at all.
 """
+import math
+
 import numpy as np
 import scipy.sparse
 import torch
@@ -29,6 +31,7 @@ from errors import InputError
 # Elements of one block of comparisons (queries x items x items): 2^20 floats = 4 MB, a block that stays
 # in cache while the few in-place passes over it run (64 MB blocks measured ~10x slower on CPU).
 BLOCK_ELEMENTS = 1 << 20
+VARIANTS = ("reference", "paper", "tie_aware")  # --daa_variant's choices; the first is the default
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,20 +131,42 @@ class _SoftRank(torch.autograd.Function):
         return grad_x.div_(temp), grad_y.mul_(grad_ranks).div_(-temp), None
 
 
-def soft_rank(S, temp=0.001, variant="paper"):
-    """Soft rank of every item in every query row of S (n_q, n): (n_q, n); differentiable in S."""
-    if variant == "paper":
-        return _SoftRank.apply(S, S, temp)
+def tie_shift(temp):
+    """The score-side shift of `tie_aware`: tau * ln((1 - tau) / tau), so that sigma_tau(0 + shift) = 1 - tau.
+
+    A tie then counts as ranked above (within tau of the metric's 1), and as tau -> 0 the shift (~ tau ln 1/tau)
+    vanishes while shift / tau grows without bound: the soft rank tends to the metric's rank, ties included.
+    """
+    return temp * math.log((1.0 - temp) / temp)
+
+
+def soft_rank(S, temp=0.001, variant="paper", ties="average"):
+    """Soft rank of every item in every query row of S (n_q, n): (n_q, n); differentiable in S.
+
+    ties="average": sigma_tau(0) = 1/2, a tie counts half (the average rank, right for relevance);
+    ties="last": sigma_tau(0 + tie_shift) = 1 - tau, a tie counts as ranked above (the metric's score ranks).
+    `tie_aware` ranks within rows as `paper` does.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown DAA variant {variant!r} ({'|'.join(VARIANTS)})")
     if variant == "reference":
         if S.shape[0] != S.shape[1]:
             raise ValueError(f"the reference DAA variant needs a square matrix, got {tuple(S.shape)}")
-        return _SoftRank.apply(S.t(), S, temp)
-    raise ValueError(f"unknown DAA variant {variant!r} (paper|reference)")
+        X = S.t()
+    else:
+        X = S
+    if ties == "last":
+        X = X + tie_shift(temp)  # sigma_tau(X[q, a] + shift - S[q, c]): (n_q, n) work, not a pass over each block
+    return _SoftRank.apply(X, S, temp)
 
 
 def asp_soft(S, M, temp=0.001, variant="paper"):
-    """Differentiable ASP in [0, 1] of scores S (n_q, n) against relevance M (n_q, n): a 0-dim tensor."""
-    rank_s = soft_rank(S, temp, variant)
+    """Differentiable ASP in [0, 1] of scores S (n_q, n) against relevance M (n_q, n): a 0-dim tensor.
+
+    `tie_aware` gives tied scores the metric's rank (last among those they tie with) and tied relevances
+    the average rank, as evaluation.asp does; `paper` and `reference` give both the average rank.
+    """
+    rank_s = soft_rank(S, temp, variant, ties="last" if variant == "tie_aware" else "average")
     with torch.no_grad():
         rank_m = soft_rank(M.to(S.dtype), temp, variant)
     return (torch.minimum(rank_s, rank_m) / torch.maximum(rank_s, rank_m)).mean()
@@ -174,8 +199,8 @@ class DAALoss(nn.Module):
 
     def __init__(self, margin=0.2, max_violation=True, daa_weight=25, daa_temp=0.001, daa_variant="reference"):
         super().__init__()
-        if daa_variant not in ("paper", "reference"):
-            raise ValueError(f"unknown DAA variant {daa_variant!r} (paper|reference)")
+        if daa_variant not in VARIANTS:
+            raise ValueError(f"unknown DAA variant {daa_variant!r} ({'|'.join(VARIANTS)})")
         self.margin, self.max_violation = margin, max_violation
         self.daa_weight, self.daa_temp, self.daa_variant = daa_weight, daa_temp, daa_variant
 

@@ -11,6 +11,12 @@ writes, deterministically from `--seed` (same seed, same bytes):
   and names) for the testall images, so PMRP can be computed;
 - `{vocab_dir}/{f30k,coco}_precomp_vocab.json` (vocab.py's vocabulary of train + dev).
 
+`--noise_rate p` makes noisy correspondence as the noisy-correspondence benchmarks do (NCR, Huang et al.
+NeurIPS 2021): round(p x n_train) training images, chosen from the seed, get the five captions of another
+of those images (a random permutation of them without fixed points). The features, every other split and
+the vocabulary (the same captions, moved) are byte for byte those of `--noise_rate 0`; the training
+folder's manifest records p.
+
 How it is learnable: every image holds 2-4 objects of COCO categories drawn with skewed frequencies (so
 images share categories, and captions share words), each with a colour and a count, in one of a few
 scenes. Each category, colour and scene has a fixed non-negative random prototype in feature space.
@@ -34,7 +40,7 @@ import errors
 import fileio
 from errors import InputError
 from layout import CAPTIONS_PER_IMAGE, REGIONS
-from vocab import build_vocab, serialize_vocab
+from vocab import serialize_vocab, vocab_of_captions
 
 MANIFEST = ".make_synthetic_data.json"  # in each folder it writes: {file name: [size, mtime_ns]} of its files
 SPLITS = {"f30k_precomp": ("train", "dev", "test"), "coco_precomp": ("train", "dev", "test", "testall")}
@@ -166,12 +172,13 @@ def written_here(path):
     return fileio.read_json(manifest, "manifest").get(os.path.basename(path)) == [stat.st_size, stat.st_mtime_ns]
 
 
-def record(path):
-    """Add the file just written at `path` to its folder's manifest."""
+def record(path, **settings):
+    """Add the file just written at `path` to its folder's manifest, with `settings` (e.g. noise_rate) beside it."""
     manifest = os.path.join(os.path.dirname(path), MANIFEST)
     entries = fileio.read_json(manifest, "manifest") if os.path.isfile(manifest) else {}
     stat = os.stat(path)
     entries[os.path.basename(path)] = [stat.st_size, stat.st_mtime_ns]
+    entries.update(settings)
     fileio.write_json(entries, manifest)
 
 
@@ -223,6 +230,34 @@ def draw_datasets(opt):
         if data_name in opt.datasets:
             for split in SPLITS[data_name]:
                 yield (data_name, split) + draw_split(rng, world, sizes[split])
+
+
+def noisy_pairs(seed, data_name, n_images, noise_rate):
+    """(chosen, source): the training images `chosen` (sorted) take the captions of images `source`.
+
+    round(noise_rate x n_images) images, and a permutation of them without fixed points (drawn until one
+    has none: a uniform derangement), from a random stream of their own so that everything else the seed
+    draws stays the same. InputError when that number is 1 (one image cannot take another's captions).
+    """
+    n_noisy = round(noise_rate * n_images)
+    if n_noisy == 1:
+        raise InputError(f"--noise_rate {noise_rate} makes 1 of {n_images} training images noisy, which cannot "
+                         f"take another image's captions; choose 0 or at least {1.5 / n_images:.4g}")
+    rng = np.random.default_rng([seed, 2, list(SPLITS).index(data_name)])
+    chosen = np.sort(rng.choice(n_images, size=n_noisy, replace=False))
+    order = rng.permutation(n_noisy)
+    while n_noisy and (order == np.arange(n_noisy)).any():
+        order = rng.permutation(n_noisy)
+    return chosen, chosen[order]
+
+
+def with_noise(lines, chosen, source):
+    """Caption lines (5 per image) with image chosen[k]'s five captions replaced by image source[k]'s."""
+    noisy = list(lines)
+    for target, origin in zip(chosen.tolist(), source.tolist()):
+        noisy[CAPTIONS_PER_IMAGE * target:CAPTIONS_PER_IMAGE * (target + 1)] = \
+            lines[CAPTIONS_PER_IMAGE * origin:CAPTIONS_PER_IMAGE * (origin + 1)]
+    return noisy
 
 
 def write_split(directory, split, lines, feats, rows_per_caption):
@@ -307,6 +342,9 @@ def build_parser():
     parser.add_argument("--rows_per_caption", nargs="*", default=[], metavar="SPLIT",
                         help="write these splits with one feature row per caption (each image repeated 5x)")
     parser.add_argument("--threshold", default=4, type=int, help="vocabulary word-count threshold")
+    parser.add_argument("--noise_rate", default=0.0, type=float,
+                        help="share p in [0, 1) of training images whose captions are another training image's "
+                             "(noisy correspondence); 0 = clean")
     return parser
 
 
@@ -319,6 +357,10 @@ def main(argv=None):
             raise InputError(f"--{name} must be at least 1 (got {getattr(opt, name)})")
     if opt.n_testall % 5:
         raise InputError(f"--n_testall must be a multiple of 5 for the five 1K-style folds (got {opt.n_testall})")
+    if not 0 <= opt.noise_rate < 1:  # also refuses nan
+        raise InputError(f"--noise_rate must be in [0, 1) (got {opt.noise_rate})")
+    for data_name in opt.datasets:  # a noise rate that cannot be made is refused before anything is written
+        noisy_pairs(opt.seed, data_name, opt.n_train, opt.noise_rate)
     unknown = set(opt.rows_per_caption) - {"train", "dev", "test", "testall"}
     if unknown:
         raise InputError(f"--rows_per_caption: unknown split(s) {sorted(unknown)}")
@@ -334,10 +376,16 @@ def main(argv=None):
         os.remove(h5)
         print(f"{h5}: removed (np2h.py made it from the features written over now)")
 
-    vocab_splits = {}
+    vocab_splits, vocab_captions = {}, {}
     for data_name, split, images, lines, feats in draw_datasets(opt):
         directory = os.path.join(opt.out_dir, data_name)
+        if split in ("train", "dev"):  # the clean captions: noise moves them, the vocabulary stays the same bytes
+            vocab_captions.setdefault(data_name, []).extend(lines)
+        if split == "train":
+            lines = with_noise(lines, *noisy_pairs(opt.seed, data_name, len(images), opt.noise_rate))
         write_split(directory, split, lines, feats, split in opt.rows_per_caption)
+        if split == "train":
+            record(os.path.join(directory, "train_caps.txt"), noise_rate=opt.noise_rate)
         if split == "testall":
             # ids and boxes from a stream of their own, so the captions and features stay replayable
             annotation_rng = np.random.default_rng([opt.seed, 1])
@@ -349,7 +397,7 @@ def main(argv=None):
         vocab_splits.setdefault(data_name, []).append(f"{split} {len(images)} images")
     for data_name, described in vocab_splits.items():
         directory = os.path.join(opt.out_dir, data_name)
-        vocab = build_vocab([os.path.join(directory, f"{s}_caps.txt") for s in ("train", "dev")], opt.threshold)
+        vocab = vocab_of_captions(vocab_captions[data_name], opt.threshold)
         serialize_vocab(vocab, os.path.join(opt.vocab_dir, f"{data_name}_vocab.json"))
         record(os.path.join(opt.vocab_dir, f"{data_name}_vocab.json"))
         print(f"{directory}: " + ", ".join(described) + f"; vocabulary {len(vocab)} words")

@@ -63,9 +63,10 @@ def build_parser():
     # DAA
     parser.add_argument("--daa_weight", default=25.0, type=float, help="weight of each DAA term (0 = DAA off)")
     parser.add_argument("--daa_temp", default=0.001, type=float, help="sigmoid temperature tau of the soft ranks")
-    parser.add_argument("--daa_variant", default="reference", choices=["reference", "paper"],
+    parser.add_argument("--daa_variant", default="reference", choices=["reference", "paper", "tie_aware"],
                         help="reference: the released code's indexing, which trained the published models; "
-                             "paper: the formula as printed (ranks within each query row)")
+                             "paper: the formula as printed (ranks within each query row); tie_aware: paper's "
+                             "ranks with a tied score counted as ranked above, as the ASP metric counts it")
     parser.add_argument("--warmup_epochs", default=0, type=int,
                         help="epochs that sum the hinge violations before hardest-negative mining starts")
     # running

@@ -119,14 +119,19 @@ def maker_args(size, out_dir):
     return ["--out_dir", data_path, "--vocab_dir", vocab_path, "--ann_dir", ann_root, "--datasets", DATA_NAME] + sizes
 
 
-def make_data(size, out_dir, step, run_script):
-    """Steps 1-3: synthetic COCO, HDF5 features, vocabulary. Returns (data_path, vocab_path, ann_root)."""
+def make_data(size, out_dir, step, run_script, noise_rate=0):
+    """Steps 1-3: synthetic COCO (with `noise_rate`'s noisy training pairs), HDF5 features, vocabulary.
+    Returns (data_path, vocab_path, ann_root)."""
     data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
-    run_script("make_synthetic_data.py", maker_args(size, out_dir), step("synthetic COCO"))
+    noise = ["--noise_rate", noise_rate] if noise_rate else []
+    run_script("make_synthetic_data.py", maker_args(size, out_dir) + noise, step("synthetic COCO"))
     run_script("np2h.py", ["--data_path", data_path, "--data_name", DATA_NAME], step("features to HDF5"))
-    # The maker wrote a vocabulary already; vocab.py rebuilds it here exactly as for real captions.
-    run_script("vocab.py", ["--data_path", data_path, "--data_name", DATA_NAME, "--vocab_path", vocab_path],
-               step("vocabulary"))
+    # The maker wrote a vocabulary already; vocab.py rebuilds it here exactly as for real captions. Not on noisy
+    # captions: moved between images, they number the words in another first-seen order (the maker's vocabulary
+    # is the clean captions', the same words and numbers as the clean data's).
+    if not noise_rate:
+        run_script("vocab.py", ["--data_path", data_path, "--data_name", DATA_NAME, "--vocab_path", vocab_path],
+                   step("vocabulary"))
     return data_path, vocab_path, ann_root
 
 

@@ -52,10 +52,15 @@ class Vocabulary:
 
 def build_vocab(caption_files, threshold=4):
     """Vocabulary of the words occurring at least `threshold` times in `caption_files` (in first-seen order)."""
+    return vocab_of_captions((caption for path in caption_files for caption in fileio.read_lines(path, "caption file")),
+                             threshold)
+
+
+def vocab_of_captions(captions, threshold=4):
+    """Vocabulary of the words occurring at least `threshold` times in the iterable `captions` (first-seen order)."""
     counter = collections.Counter()
-    for path in caption_files:
-        for caption in fileio.read_lines(path, "caption file"):
-            counter.update(tokenize(caption))
+    for caption in captions:
+        counter.update(tokenize(caption))
     vocab = Vocabulary()
     for word in SPECIAL_TOKENS:
         vocab.add_word(word)

@@ -45,17 +45,24 @@ from tools import plot_results
 DIRECTIONS = ("i2t", "t2i")
 METRICS = ("r1", "r5", "r10", "asp", "pmrp")
 HEADERS = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "asp": "ASP", "pmrp": "PMRP"}
-# (module, DAA weights, variants, seeds) per size. The published recipes use weight 25 (COCO) and 10
-# (Flickr30K); 1 is the demo's. Weight 0 is DAA off, the same for either variant. Runs are made in the
-# order listed, weight 0 and 25 first, so that a stopped ablation has the main comparison; the plateau
+# (module, DAA weights, variants, seeds[, noise rate]) per size. The published recipes use weight 25 (COCO)
+# and 10 (Flickr30K); 1 is the demo's. Weight 0 is DAA off, the same for either variant. Runs are made in
+# the order listed, weight 0 and 25 first, so that a stopped ablation has the main comparison; the plateau
 # runs come after the first PLATEAU_AFTER entries. Entries are only ever appended (the embedding models VSE
-# and PCME came last), so an ablation folder made with the shorter grid goes on with the new entries.
+# and PCME came next, then tie_aware and the noisy data), so an ablation folder made with the shorter grid
+# goes on with the new entries. A noise rate p trains on make_synthetic_data.py --noise_rate p's training
+# captions (the same images, dev and testall), compared with DAA off on the same noisy data.
 GRID = {
     "full": [("SAF", (0, 25), ("reference",), range(5)), ("SGR", (0, 25), ("reference",), range(3)),
              ("SAF", (25,), ("paper",), range(5)), ("SAF", (10, 1), ("reference", "paper"), range(5)),
-             ("VSE", (0, 25), ("reference",), range(3)), ("PCME", (0, 25), ("reference",), range(3))],
+             ("VSE", (0, 25), ("reference",), range(3)), ("PCME", (0, 25), ("reference",), range(3)),
+             ("SGR", (25,), ("tie_aware",), range(3)), ("SAF", (25,), ("tie_aware",), range(5)),
+             ("SAF", (0, 25), ("reference", "tie_aware"), range(3), 0.2),
+             ("VSE", (25,), ("tie_aware",), range(3)), ("PCME", (25,), ("tie_aware",), range(3)),
+             ("VSE", (0, 25), ("reference", "tie_aware"), range(3), 0.2)],
     "quick": [("SAF", (0, 25), ("reference",), range(2)), ("SAF", (25,), ("paper",), range(2)),
-              ("VSE", (0, 25), ("reference",), range(1)), ("PCME", (0, 25), ("reference",), range(1))],
+              ("VSE", (0, 25), ("reference",), range(1)), ("PCME", (0, 25), ("reference",), range(1)),
+              ("SAF", (25,), ("tie_aware",), range(2)), ("SAF", (0, 25), ("tie_aware",), range(1), 0.2)],
 }
 PLATEAU_AFTER = 2
 # Plateau runs: SAF, no warm-up (hardest negatives from the first step, the original recipe), the lr of
@@ -73,26 +80,37 @@ MARGIN = 0.2  # train.py's default --margin, which every run here uses
 PLATEAU_MEASURES = ("hinge_above_2Bm", "dev_rsum")
 
 
-def setting_name(module, weight, variant):
-    return f"{module}_w{weight:g}" + (f"_{variant}" if weight else "")
+def setting_name(module, weight, variant, noise=0):
+    return f"{module}_w{weight:g}" + (f"_{variant}" if weight else "") + (f"_noise{noise:g}" if noise else "")
 
 
 def grid_runs(entries):
-    """[(setting name, module, weight, variant, seed)] of GRID entries, in order; weight 0 listed once."""
+    """[(setting name, module, weight, variant, seed, noise rate)] of GRID entries, in order; weight 0 listed once."""
     runs, seen = [], set()
-    for module, weights, variants, seeds in entries:
+    for module, weights, variants, seeds, *noise in entries:
+        noise = noise[0] if noise else 0
         for seed in seeds:
             for weight in weights:
                 for variant in variants:
-                    name = setting_name(module, weight, variant)
+                    name = setting_name(module, weight, variant, noise)
                     if (name, seed) not in seen:
                         seen.add((name, seed))
-                        runs.append((name, module, weight, variant, seed))
+                        runs.append((name, module, weight, variant, seed, noise))
     return runs
 
 
+def noise_rates(size):
+    """The noise rates of GRID[size]'s noisy entries, in order of first use."""
+    return sorted({entry[4] for entry in GRID[size] if len(entry) > 4 and entry[4]})
+
+
+def noisy_root(out_dir, noise):
+    """Where the data with noise rate `noise` lives: {out_dir}/noise{p}/{data,vocab,coco_ann}."""
+    return os.path.join(out_dir, f"noise{noise:g}")
+
+
 def plateau_runs(size):
-    return [(f"plateau_SAF_w{w:g}", "SAF", w, "reference", seed) for seed in PLATEAU[size]["seeds"]
+    return [(f"plateau_SAF_w{w:g}", "SAF", w, "reference", seed, 0) for seed in PLATEAU[size]["seeds"]
             for w in PLATEAU[size]["weights"]]
 
 
@@ -129,7 +147,7 @@ def finished(where, plateau):
 
 def execute(job):
     """Train and score one run: job = (out_dir, size, run, plateau, in_process, threads, title)."""
-    out_dir, size, (name, module, weight, variant, seed), plateau, in_process, threads, title = job
+    out_dir, size, (name, module, weight, variant, seed, noise), plateau, in_process, threads, title = job
     torch.set_num_threads(threads)
     run = run_demo.Runner(in_process, threads)
     where = paths(out_dir, name, seed)
@@ -143,7 +161,8 @@ def execute(job):
     if not os.path.isfile(last):
         for folder in (where["model"], where["log"]):  # an interrupted run of this ablation starts again
             shutil.rmtree(folder, ignore_errors=True)
-        run("train.py", run_demo.train_args(size, training, data_path, vocab_path, module, where["model"], where["log"],
+        train_data = os.path.join(noisy_root(out_dir, noise), "data") if noise else data_path
+        run("train.py", run_demo.train_args(size, training, train_data, vocab_path, module, where["model"], where["log"],
                                             seed, ["--daa_variant", variant]), f"{title}: train")
     if plateau:
         scalars = plot_results.read_scalars(where["log"])
@@ -229,8 +248,8 @@ def plateau_measures(curve, batch_size, iterations_per_epoch):
 def tie_reward(data_path, batch=128, seed=0):
     """DAA's surrogate on one training batch of relevance M: asp_soft of constant, random and perfect scores.
 
-    Its soft ranks take sigma(0) = 1/2 for a tie, i.e. average ranks, so a constant matrix scores above
-    random ones; the metric ASP gives ties no credit (both about 0.5).
+    paper's soft ranks take sigma(0) = 1/2 for a tie, i.e. average ranks, so a constant matrix scores above
+    random ones; the metric ASP gives ties no credit (both about 0.5), and neither does tie_aware.
     """
     import evaluation
     from daa_loss import asp_soft
@@ -241,6 +260,7 @@ def tie_reward(data_path, batch=128, seed=0):
     S = {"constant": torch.full_like(M, 0.5), "random": torch.rand(M.shape, generator=torch.Generator().manual_seed(seed)),
          "relevance": M}
     return {"batch": batch, "asp_soft": {name: float(asp_soft(s, M, variant="paper")) for name, s in S.items()},
+            "asp_soft_tie_aware": {name: float(asp_soft(s, M, variant="tie_aware")) for name, s in S.items()},
             "asp": {name: evaluation.asp(s.numpy(), M.numpy()) / 100 for name, s in S.items()}}
 
 
@@ -252,11 +272,11 @@ def report_of(args, size, settings):
         stem = os.path.join(args.out_dir, "eval", name.replace(" ", "_"))
         references[name] = read_scores(stem + ".json", stem + "_pmrp.json")
     groups, by_setting = [], {}
-    for name, module, weight, variant, seed in grid_runs(GRID[size]):
+    for name, module, weight, variant, seed, noise in grid_runs(GRID[size]):
         group = by_setting.get(name)
         if group is None:
             group = by_setting[name] = {"key": name, "module": module, "daa_weight": weight,
-                                        "variant": variant if weight else None, "runs": []}
+                                        "variant": variant if weight else None, "noise_rate": noise, "runs": []}
             groups.append(group)
         where = paths(args.out_dir, name, seed)
         if finished(where, plateau=False):
@@ -266,7 +286,7 @@ def report_of(args, size, settings):
     for group in groups:
         summary = summarise(group["runs"])
         group["mean"], group["std"] = summary["mean"], summary["std"]
-        off = by_setting[setting_name(group["module"], 0, None)]
+        off = by_setting[setting_name(group["module"], 0, None, group["noise_rate"])]
         if group is not off:
             off_by_seed = {r["seed"]: r for r in off["runs"]}
             on = [r for r in group["runs"] if r["seed"] in off_by_seed]
@@ -276,7 +296,7 @@ def report_of(args, size, settings):
                                          / (oracle[d]["asp"] - off["mean"][d]["asp"]) for d in DIRECTIONS}
     training = dict(run_demo.TRAINING[size], **PLATEAU[size]["training"])
     curves = {(w, seed): fileio.read_json(paths(args.out_dir, name, seed)["curve"], "plateau curves")
-              for name, _, w, _, seed in plateau_runs(size) if finished(paths(args.out_dir, name, seed), plateau=True)}
+              for name, _, w, _, seed, _ in plateau_runs(size) if finished(paths(args.out_dir, name, seed), plateau=True)}
     # train.py validates at the end of every epoch (and only then, here): the first validation's step is the
     # number of iterations in an epoch, the last of which may be a smaller batch
     iterations_per_epoch = next((curve["validation_steps"][0] for curve in curves.values()), None)
@@ -348,14 +368,16 @@ def markdown(report):
     lines += ["", f"DAA's surrogate rewards ties (one training batch of {t['batch']}): asp_soft constant "
               f"{t['asp_soft']['constant']:.3f}, random {t['asp_soft']['random']:.3f}, relevance "
               f"{t['asp_soft']['relevance']:.3f}; the metric ASP: constant {t['asp']['constant']:.3f}, random "
-              f"{t['asp']['random']:.3f}."]
+              f"{t['asp']['random']:.3f}; tie_aware's asp_soft: constant {t['asp_soft_tie_aware']['constant']:.3f}, "
+              f"random {t['asp_soft_tie_aware']['random']:.3f}, relevance {t['asp_soft_tie_aware']['relevance']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
 def label(group):
+    noise = f", noise {group['noise_rate']:g}" if group.get("noise_rate") else ""
     if not group["daa_weight"]:
-        return f"{group['module']}, DAA off"
-    return f"{group['module']}, DAA {group['daa_weight']:g} {group['variant']}"
+        return f"{group['module']}, DAA off{noise}"
+    return f"{group['module']}, DAA {group['daa_weight']:g} {group['variant']}{noise}"
 
 
 def extends(settings, stored):
@@ -393,7 +415,7 @@ def main(argv=None):
     fileio.check_output(args.out_dir, folder=True)
     plateau = dict(PLATEAU[size], weights=list(PLATEAU[size]["weights"]), seeds=list(PLATEAU[size]["seeds"]))
     settings = {"size": size, "sizes": run_demo.SIZES[size], "training": run_demo.TRAINING[size],
-                "grid": [[m, list(w), list(v), list(s)] for m, w, v, s in GRID[size]], "plateau": plateau}
+                "grid": [[m, list(w), list(v), list(s), *noise] for m, w, v, s, *noise in GRID[size]], "plateau": plateau}
     settings_path = os.path.join(args.out_dir, "settings.json")
     if os.path.isfile(settings_path):
         stored = fileio.read_json(settings_path, "settings file")
@@ -403,8 +425,9 @@ def main(argv=None):
     fileio.write_json(settings, settings_path)
 
     data_path = os.path.join(args.out_dir, "data")
-    if not os.path.isfile(os.path.join(data_path, run_demo.DATA_NAME, "testall.h5")):  # np2h.py's last output
-        run_demo.make_data(size, args.out_dir, lambda title: f"data: {title}", run_script)
+    for root, noise in [(args.out_dir, 0)] + [(noisy_root(args.out_dir, p), p) for p in noise_rates(size)]:
+        if not os.path.isfile(os.path.join(root, "data", run_demo.DATA_NAME, "testall.h5")):  # np2h.py's last output
+            run_demo.make_data(size, root, lambda title: f"data: {title}", run_script, noise)
     for name, path in run_demo.save_reference_matrices(size, args.out_dir, data_path).items():
         stem = path[:-len(".npy")]
         score(run_script, path, stem + ".json", stem + "_pmrp.json", data_path, os.path.join(args.out_dir, "coco_ann"), name)
