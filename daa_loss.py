@@ -140,24 +140,23 @@ def tie_shift(temp):
     return temp * math.log((1.0 - temp) / temp)
 
 
-def soft_rank(S, temp=0.001, variant="paper", ties="average"):
+def soft_rank(S, temp=0.001, variant="paper"):
     """Soft rank of every item in every query row of S (n_q, n): (n_q, n); differentiable in S.
 
-    ties="average": sigma_tau(0) = 1/2, a tie counts half (the average rank, right for relevance);
-    ties="last": sigma_tau(0 + tie_shift) = 1 - tau, a tie counts as ranked above (the metric's score ranks).
-    `tie_aware` ranks within rows as `paper` does.
+    paper, reference: sigma_tau(0) = 1/2, a tie counts half (the average rank, right for relevance);
+    tie_aware: paper's row ranks with sigma_tau(0 + tie_shift) = 1 - tau, a tie counts as ranked above
+    (the metric's rank of a score).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown DAA variant {variant!r} ({'|'.join(VARIANTS)})")
     if variant == "reference":
         if S.shape[0] != S.shape[1]:
             raise ValueError(f"the reference DAA variant needs a square matrix, got {tuple(S.shape)}")
-        X = S.t()
-    else:
-        X = S
-    if ties == "last":
-        X = X + tie_shift(temp)  # sigma_tau(X[q, a] + shift - S[q, c]): (n_q, n) work, not a pass over each block
-    return _SoftRank.apply(X, S, temp)
+        return _SoftRank.apply(S.t(), S, temp)
+    if variant == "tie_aware":
+        # sigma_tau(S[q, a] + shift - S[q, c]): an (n_q, n) addition, not one more pass over every block
+        return _SoftRank.apply(S + tie_shift(temp), S, temp)
+    return _SoftRank.apply(S, S, temp)
 
 
 def asp_soft(S, M, temp=0.001, variant="paper"):
@@ -166,9 +165,14 @@ def asp_soft(S, M, temp=0.001, variant="paper"):
     `tie_aware` gives tied scores the metric's rank (last among those they tie with) and tied relevances
     the average rank, as evaluation.asp does; `paper` and `reference` give both the average rank.
     """
-    rank_s = soft_rank(S, temp, variant, ties="last" if variant == "tie_aware" else "average")
+    relevance_variant = variant
+    if variant == "tie_aware":
+        relevance_variant = "paper"  # equal relevance is genuine: average ranks
+        # row-major blocks: on a transposed view (the t2i direction) every block's buffer is strided, 5-10x slower
+        S, M = S.contiguous(), M.contiguous()
+    rank_s = soft_rank(S, temp, variant)
     with torch.no_grad():
-        rank_m = soft_rank(M.to(S.dtype), temp, variant)
+        rank_m = soft_rank(M.to(S.dtype), temp, relevance_variant)
     return (torch.minimum(rank_s, rank_m) / torch.maximum(rank_s, rank_m)).mean()
 
 

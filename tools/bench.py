@@ -445,6 +445,10 @@ def bench_daa(sizes, device):
         rows.append(row("DAA loss", f"N = {n}", base[:2], proj[:2],
                         max_abs_diff([(proj[2][0], base[2][0]), (proj[2][1], base[2][1])]), mem=_torch_mem(device),
                         note="forward + backward, both directions; diff over loss and gradient"))
+        tie_aware = DAALoss(daa_weight=25, daa_variant="tie_aware")
+        ties = measure(lambda: run(lambda s: sum(tie_aware.daa_terms(s, M))), device)
+        rows.append(row("DAA tie_aware vs reference", f"N = {n}", proj[:2], ties[:2], mem=_torch_mem(device),
+                        note="both blockwise; 'baseline' = the reference variant (another objective: no diff)"))
     return rows
 
 
@@ -916,6 +920,12 @@ def targets(rows, sizes, sgemm=None):
         speed, mem = daa["base_s"] / daa["proj_s"], daa["proj_mb"] / max(daa["base_mb"], 1e-9)
         out.append((f"DAA at N = {sizes['daa'][1]}: >= 5x faster, <= 1/4 of the memory",
                     f"{speed:.1f}x, {mem:.2f} of the memory", "yes" if speed >= 5 and mem <= 0.25 else "no"))
+    for n in sizes["daa"]:
+        ties = _find(rows, "DAA tie_aware vs reference", f"N = {n}")
+        if ties and n != sizes["daa"][1]:  # the sizes: the smallest and the largest
+            ratio = ties["proj_s"] / ties["base_s"]
+            out.append((f"DAA tie_aware at N = {n}: <= 1.5x reference's time", f"{ratio:.2f}x",
+                        "yes" if ratio <= 1.5 else "no"))
     small, large = (_find(rows, "PMRP", f"{n} images") for n in sizes["pmrp"])
     if small:
         speed = small["base_s"] / small["proj_s"]
