@@ -7,6 +7,7 @@ import scipy.stats
 import torch
 
 import daa_loss
+import evaluation
 from tools.baselines.daa_direct import asp_soft_direct, daa_loss_direct, soft_rank_direct
 
 
@@ -17,18 +18,19 @@ def exact_asp(S, M):
     return float(np.mean(np.minimum(rank_s, rank_m) / np.maximum(rank_s, rank_m)))
 
 
-@pytest.mark.parametrize("variant", ["paper", "reference"])
+@pytest.mark.parametrize("variant", ["paper", "reference", "tie_aware"])
 def test_blockwise_equals_direct_values_and_gradients(variant, monkeypatch):
     monkeypatch.setattr(daa_loss, "BLOCK_ELEMENTS", 7 * 13 * 13)  # several uneven blocks
     gen = torch.Generator().manual_seed(0)
     S = torch.rand(13, 13, generator=gen, dtype=torch.float64, requires_grad=True)
     M = torch.rand(13, 13, generator=gen, dtype=torch.float64)
     temp = 0.05
+    shift = temp * np.log((1 - temp) / temp) if variant == "tie_aware" else 0.0  # sigma_tau(shift) = 1 - tau
     ranks = daa_loss.soft_rank(S, temp, variant)
-    torch.testing.assert_close(ranks, soft_rank_direct(S, temp, variant))
+    torch.testing.assert_close(ranks, soft_rank_direct(S, temp, variant, shift))
     weights = torch.rand(13, 13, generator=gen, dtype=torch.float64)
     (grad_fast,) = torch.autograd.grad((ranks * weights).sum(), S)
-    (grad_direct,) = torch.autograd.grad((soft_rank_direct(S, temp, variant) * weights).sum(), S)
+    (grad_direct,) = torch.autograd.grad((soft_rank_direct(S, temp, variant, shift) * weights).sum(), S)
     torch.testing.assert_close(grad_fast, grad_direct)
     loss = daa_loss.DAALoss(daa_weight=3.0, daa_temp=temp, daa_variant=variant)(S, M)
     # each term under its own name: i2t ranks within rows of S (images are the queries), t2i within columns
@@ -44,8 +46,9 @@ def test_gradcheck_float64():
     gen = torch.Generator().manual_seed(1)
     S = torch.rand(6, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     M = torch.rand(6, 6, generator=gen, dtype=torch.float64)
-    for variant in ("paper", "reference"):
+    for variant in ("paper", "reference", "tie_aware"):
         assert torch.autograd.gradcheck(lambda s: daa_loss.asp_soft(s, M, 0.1, variant), (S,))
+        assert torch.autograd.gradcheck(lambda s: daa_loss.asp_soft(s.t(), M.t(), 0.1, variant), (S,))
 
 
 def test_soft_asp_approaches_exact_asp_as_temperature_falls():
@@ -56,6 +59,73 @@ def test_soft_asp_approaches_exact_asp_as_temperature_falls():
               for temp in (1e-1, 1e-2, 1e-9)]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-12
+
+
+def metric_asp(S, M):
+    """The metric's ASP in [0, 1], restated with scipy: a score ranks after everything it ties with (rank
+    1 + #{a != c: s_a >= s_c}, rankdata's "max" of -s), a relevance takes the average rank of its ties."""
+    rank_s = scipy.stats.rankdata(-S, method="max", axis=1)
+    rank_m = scipy.stats.rankdata(-M, method="average", axis=1)
+    return float(np.mean(np.minimum(rank_s, rank_m) / np.maximum(rank_s, rank_m)))
+
+
+@pytest.mark.parametrize("ties", ["none", "scores", "both"])
+def test_tie_aware_tends_to_the_metric_ties_included(ties):
+    """tie_aware -> the exact ASP of evaluation.asp as tau -> 0, both directions, with and without tied values."""
+    rng = np.random.default_rng(7)
+    S, M = rng.random((12, 30)), rng.random((12, 30))
+    if ties in ("scores", "both"):
+        S = np.round(S * 4) / 4  # five distinct values: many ties in every row and column
+    if ties == "both":
+        M = np.round(M * 3) / 3
+    for rows_S, rows_M in ((S, M), (S.T, M.T)):
+        exact = metric_asp(rows_S, rows_M)
+        assert exact == pytest.approx(evaluation.asp(rows_S, rows_M) / 100, abs=1e-12)
+        errors = [abs(float(daa_loss.asp_soft(torch.tensor(rows_S), torch.tensor(rows_M), temp, "tie_aware")) - exact)
+                  for temp in (1e-2, 1e-4, 1e-9)]
+        assert errors[0] > errors[2] and errors[1] > errors[2]
+        assert errors[2] < 1e-7
+    if ties != "none":  # the other variants give tied scores the average rank instead: another limit
+        assert abs(float(daa_loss.asp_soft(torch.tensor(S), torch.tensor(M), 1e-9, "paper")) - metric_asp(S, M)) > 1e-3
+
+
+def test_tie_aware_gives_constant_scores_no_more_than_random_ones():
+    """On 128 x 128 batches: paper's surrogate rewards a constant matrix (above random scores by ~0.1);
+    tie_aware puts it at or below random scores (their mean over draws), within 0.005 of where the metric puts
+    it: on relevance without ties the metric gives constant scores the random draws' mean; on relevance with
+    many ties (five values) random scores earn a little more than constant ones, in the metric as well."""
+    gen = torch.Generator().manual_seed(11)
+    for M in (torch.rand(128, 128, generator=gen), torch.round(torch.rand(128, 128, generator=gen) * 4) / 4):
+        constant = torch.full_like(M, 0.5)
+        randoms = [torch.rand(128, 128, generator=gen) for _ in range(10)]
+        for direction in (lambda x: x, lambda x: x.t()):
+            def surrogate(S, variant):
+                return float(daa_loss.asp_soft(direction(S), direction(M), 0.001, variant))
+
+            def metric(S):
+                return evaluation.asp(direction(S).numpy(), direction(M).numpy()) / 100
+
+            surrogate_gap = np.mean([surrogate(R, "tie_aware") for R in randoms]) - surrogate(constant, "tie_aware")
+            metric_gap = np.mean([metric(R) for R in randoms]) - metric(constant)
+            assert surrogate_gap >= 0 and surrogate_gap == pytest.approx(metric_gap, abs=0.005)
+            assert surrogate(constant, "paper") > np.mean([surrogate(R, "paper") for R in randoms]) + 0.05
+
+
+def test_tie_shift_makes_a_tie_count_one_minus_tau():
+    for temp in (1e-1, 1e-3, 1e-6):
+        shift = daa_loss.tie_shift(temp)
+        assert float(torch.sigmoid(torch.tensor(shift / temp, dtype=torch.float64))) == pytest.approx(1 - temp, rel=1e-12)
+    ranks = daa_loss.soft_rank(torch.zeros(1, 4, dtype=torch.float64), 1e-3, "tie_aware")
+    torch.testing.assert_close(ranks, torch.full((1, 4), 1 + 3 * (1 - 1e-3), dtype=torch.float64))
+
+
+def test_training_option_and_loss_know_every_variant():
+    import opts
+
+    choices = next(a.choices for a in opts.build_parser()._actions if a.dest == "daa_variant")
+    assert tuple(choices) == daa_loss.VARIANTS and daa_loss.VARIANTS[0] == "reference"  # the default stays
+    with pytest.raises(ValueError, match="tie_aware"):
+        daa_loss.DAALoss(daa_variant="ties")
 
 
 def test_ties_give_average_ranks():

@@ -424,3 +424,45 @@ def test_synthetic_deterministic_and_refuses_bad_sizes(tmp_path, capsys):
         argv = ["--out_dir", str(tmp_path / "bad"), "--vocab_dir", str(tmp_path / "bad"), "--ann_dir", str(tmp_path / "bad")]
         expect_one_line_error(capsys, make_synthetic_data.main, argv + bad, bad[0])
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("noise_rate", [0.2, 0.5])
+def test_noise_rate_moves_exactly_the_training_captions_of_round_p_n_images(tmp_path, noise_rate):
+    """--noise_rate p: round(p x n_train) training images of each dataset get the five captions of another of
+    them (no image keeps its own, each source used once); every other file is byte for byte --noise_rate 0's;
+    the manifest records p."""
+    def make(out, *extra):
+        argv = ["--tiny", "--out_dir", str(out / "data"), "--vocab_dir", str(out / "vocab"), "--ann_dir", str(out / "ann")]
+        return errors.run(make_synthetic_data.main, argv + list(extra))
+
+    assert make(tmp_path / "clean") == 0 and make(tmp_path / "noisy", "--noise_rate", str(noise_rate)) == 0
+    files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "clean") for d, _, fs in os.walk(tmp_path / "clean")
+                   for f in fs if f != make_synthetic_data.MANIFEST)
+    train_captions = {f"data/{name}/train_caps.txt" for name in ("f30k_precomp", "coco_precomp")}
+    match, mismatch, errs = filecmp.cmpfiles(tmp_path / "clean", tmp_path / "noisy", files, shallow=False)
+    assert sorted(mismatch) == sorted(train_captions) and not errs and len(match) == len(files) - 2
+    n_train = 40  # --tiny
+    for path in sorted(train_captions):
+        clean = (tmp_path / "clean" / path).read_text(encoding="utf-8").splitlines()
+        noisy = (tmp_path / "noisy" / path).read_text(encoding="utf-8").splitlines()
+        groups = lambda lines: [tuple(lines[5 * i:5 * i + 5]) for i in range(n_train)]  # noqa: E731
+        clean_groups, noisy_groups = groups(clean), groups(noisy)
+        assert len(set(clean_groups)) == n_train  # every image's five captions are distinct as a group
+        changed = [i for i in range(n_train) if noisy_groups[i] != clean_groups[i]]
+        assert len(changed) == round(noise_rate * n_train)
+        sources = [clean_groups.index(noisy_groups[i]) for i in changed]  # whose captions each changed image got
+        assert sorted(sources) == changed and all(s != i for s, i in zip(sources, changed))
+        manifest = json.loads((tmp_path / "noisy" / os.path.dirname(path) / make_synthetic_data.MANIFEST).read_text())
+        assert manifest["noise_rate"] == noise_rate
+    # the same seed, the same noisy pairs
+    assert make(tmp_path / "again", "--noise_rate", str(noise_rate)) == 0
+    path = "data/coco_precomp/train_caps.txt"
+    assert filecmp.cmp(tmp_path / "noisy" / path, tmp_path / "again" / path, shallow=False)
+
+
+def test_noise_rate_refuses_bad_values_before_writing(tmp_path, capsys):
+    for bad in ("-0.1", "1", "1.5", "nan", "inf", "abc", "0.03"):  # 0.03 x 40 images = 1 noisy image: no partner
+        argv = ["--tiny", "--noise_rate", bad, "--out_dir", str(tmp_path / "bad"), "--vocab_dir", str(tmp_path / "bad"),
+                "--ann_dir", str(tmp_path / "bad")]
+        expect_one_line_error(capsys, make_synthetic_data.main, argv, "noise_rate")
+        assert not (tmp_path / "bad").exists()

@@ -121,7 +121,8 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     assert errors.run(ablation.main, argv) == 0
     report = json.loads((out_dir / "ablation.json").read_text(encoding="utf-8"))
     assert [g["key"] for g in report["groups"]] == ["SAF_w0", "SAF_w25_reference", "SAF_w25_paper", "VSE_w0",
-                                                    "VSE_w25_reference", "PCME_w0", "PCME_w25_reference"]
+                                                    "VSE_w25_reference", "PCME_w0", "PCME_w25_reference",
+                                                    "SAF_w25_tie_aware", "SAF_w0_noise0.2", "SAF_w25_tie_aware_noise0.2"]
 
     data_path = str(out_dir / "data")
     coco_root = os.path.join(data_path, run_demo.DATA_NAME)
@@ -139,13 +140,16 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
         expected = recomputed(np.load(out_dir / "eval" / (name.replace(" ", "_") + ".npy")))
         for d in ("i2t", "t2i"):
             assert scores[d] == pytest.approx(expected[d], abs=1e-9), (name, d)
-    off_of = {g["module"]: g for g in report["groups"] if not g["daa_weight"]}  # DAA off, per model
+    off_of = {(g["module"], g["noise_rate"]): g for g in report["groups"] if not g["daa_weight"]}  # DAA off, per model and data
     for group in report["groups"]:
-        off = off_of[group["module"]]
+        off = off_of[group["module"], group["noise_rate"]]
         for run in group["runs"]:
             name = f"{group['key']}_seed{run['seed']}"
             opt = checkpoint.load_checkpoint(str(out_dir / "runs" / name / "model_best.pth.tar"))["opt"]
             assert (opt.module_name, opt.daa_weight, opt.seed) == (group["module"], group["daa_weight"], run["seed"])
+            # noisy runs train on the noisy copy (its own folder), and are scored on the one clean testall
+            noisy_data = str(out_dir / f"noise{group['noise_rate']:g}" / "data")
+            assert opt.data_path == (noisy_data if group["noise_rate"] else data_path)
             if group["daa_weight"]:
                 assert opt.daa_variant == group["variant"]
             expected = recomputed(np.load(out_dir / "eval" / f"{name}.npy"))
@@ -194,6 +198,7 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     tie = report["tie_reward"]
     assert tie["asp_soft"]["constant"] > tie["asp_soft"]["random"] + 0.05 and tie["asp_soft"]["relevance"] == 1.0
     assert tie["asp"]["constant"] == pytest.approx(0.5, abs=0.02)
+    assert tie["asp_soft_tie_aware"]["constant"] <= tie["asp_soft_tie_aware"]["random"]
     table = (out_dir / "ablation.md").read_text(encoding="utf-8")
     assert "| content oracle |" in table and "| SAF, DAA 25 reference − off (n=2) |" in table
     assert "| PCME, DAA 25 reference − off (n=1) |" in table
