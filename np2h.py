@@ -167,7 +167,7 @@ def check_pmrp(directory, n_images, ann_root):
     PMRP reads for those ids; and the number of images without instances (None when unchecked)."""
     ids_path = os.path.join(directory, "testall_ids.txt")
     try:
-        image_ids = read_image_ids(ids_path, n_images)
+        image_ids = read_image_ids(ids_path, n_images, os.path.join(directory, f"{PMRP_SPLIT}_caps.txt"))
         codes = instance_codes(os.path.join(ann_root, "instances_val2014.json"), image_ids, ids_path)
     except InputError as err:
         return [str(err)], None
