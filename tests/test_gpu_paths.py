@@ -12,6 +12,7 @@ visible CUDA, fp16), everything else runs for real on the tiny synthetic data.
 """
 import argparse
 import os
+import queue
 import types
 
 import numpy as np
@@ -212,20 +213,34 @@ def test_evaluation_ranks_can_start_loader_workers(fp32_run, synth, tmp_path):
 
 def test_a_failed_rank_reports_its_cause(monkeypatch):
     """A spawned rank puts its failure on the queue as one line (rank 0's own error would only say that a
-    peer closed the connection) and exits with 2."""
-    class Queue(list):
-        put = list.append
-
+    peer closed the connection) and exits with 2; rank 0 takes that line and ends every rank."""
     def fail(*args, **kwargs):
         raise InputError("data/f30k_precomp/test_ims.npy: feature file not found")
 
     monkeypatch.setattr(distributed, "init_group", lambda *args, **kwargs: None)
     monkeypatch.setattr(evaluation, "evaluate", fail)
-    failures = Queue()
+    failures = queue.SimpleQueue()
     with pytest.raises(SystemExit) as exit_:
         evaluation.evaluation_rank(1, argparse.Namespace(world_size=2, threads=0), [], "tcp://x", "cpu", failures)
     assert exit_.value.code == 2
-    assert failures == ["rank 1: data/f30k_precomp/test_ims.npy: feature file not found"]
+
+    class Rank:  # a spawned rank: one that failed and left, or one still waiting in a collective
+        def __init__(self, alive):
+            self.alive, self.ended = alive, False
+
+        def is_alive(self):
+            return self.alive
+
+        def terminate(self):
+            self.alive, self.ended = False, True
+
+        def join(self):
+            pass
+
+    ranks = [Rank(False), Rank(True)]
+    assert evaluation.end_ranks(ranks, failures) == "rank 1: data/f30k_precomp/test_ims.npy: feature file not found"
+    assert all(r.ended and not r.alive for r in ranks) and failures.empty()
+    assert evaluation.end_ranks([Rank(True)], failures, wait_s=0.2) is None  # nothing reported: rank 0's own error
 
 
 def test_precision_fp32_turns_cudnn_tf32_off():
