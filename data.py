@@ -202,8 +202,11 @@ class TrainCollate:
         return images, captions, lengths, caption_ids, image_ids, torch.from_numpy(block)
 
 
-def get_train_loader(opt, vocab, distributed):
+def get_train_loader(opt, vocab, distributed, pin_memory=False):
     """Shuffled training batches: 6-tuples (images, captions, lengths, caption_ids, image_ids, relevance (B,B)).
+
+    pin_memory: page-locked batches, for a run on a GPU (asynchronous copies); never for a CPU run, where
+    they would only cost (and open a CUDA context in every process of a machine that has a GPU).
 
     The order depends only on (opt.seed, epoch): a DistributedSampler (one replica when not distributed)
     shuffles with seed + epoch, so call `loader.sampler.set_epoch(epoch)` each epoch; a resumed run sees
@@ -221,7 +224,7 @@ def get_train_loader(opt, vocab, distributed):
     return DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, num_workers=opt.workers,
                       collate_fn=TrainCollate(relevance), drop_last=drop_last,
                       generator=torch.Generator().manual_seed(opt.seed),  # seeds the workers deterministically
-                      pin_memory=torch.cuda.is_available(), persistent_workers=opt.workers > 0)
+                      pin_memory=pin_memory, persistent_workers=opt.workers > 0)
 
 
 class _Images(Dataset):
@@ -261,16 +264,16 @@ def _collate_captions(batch):
     return padded, lengths, torch.tensor(ids, dtype=torch.long)
 
 
-def get_eval_loaders(data_path, data_name, split, vocab, batch_size, workers, max_captions=None):
+def get_eval_loaders(data_path, data_name, split, vocab, batch_size, workers, max_captions=None, pin_memory=False):
     """(image_loader, caption_loader, dataset) in file order.
 
     image_loader yields (images (b, 36, D), image_ids (b,)) once per unique image; caption_loader
     yields (captions (b, L), lengths (b,), caption_ids (b,)). The dev cut applies as in PrecompDataset.
+    pin_memory: as get_train_loader's, for scoring on a GPU.
     """
     dataset = PrecompDataset(data_path, data_name, split, vocab, max_captions)
-    pin = torch.cuda.is_available()
     image_loader = DataLoader(_Images(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
-                              collate_fn=_collate_images, pin_memory=pin)
+                              collate_fn=_collate_images, pin_memory=pin_memory)
     caption_loader = DataLoader(_Captions(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
-                                collate_fn=_collate_captions, pin_memory=pin)
+                                collate_fn=_collate_captions, pin_memory=pin_memory)
     return image_loader, caption_loader, dataset

@@ -26,19 +26,31 @@ def launched_by_torchrun():
 
 
 def check_world_size(world_size, device_type):
-    """InputError when `world_size` processes on CUDA would need more GPUs than this machine has.
-
-    Under torchrun each process already has its GPU (LOCAL_RANK), so nothing is checked there.
-    """
-    if device_type == "cuda" and not launched_by_torchrun() and world_size > torch.cuda.device_count():
-        raise InputError(f"--world_size {world_size}: only {torch.cuda.device_count()} CUDA device(s) available")
+    """InputError when the processes on this machine would need more GPUs than it has: `world_size`
+    processes started by --world_size, or torchrun's LOCAL_WORLD_SIZE (--nproc_per_node). Two processes on
+    one GPU would fail in nccl ("duplicate GPU") or, worse, share its memory and run at half speed."""
+    if device_type != "cuda":
+        return
+    local = processes_on_this_machine(world_size)
+    if local > torch.cuda.device_count():
+        what = f"torchrun --nproc_per_node {local}" if launched_by_torchrun() else f"--world_size {world_size}"
+        raise InputError(f"{what}: one process per GPU, but only {torch.cuda.device_count()} CUDA device(s) "
+                         f"are visible")
 
 
 def init_group(rank, world_size, init_method, device_type, timeout_s=1800, threads=0):
-    """Join the process group: nccl when the processes use GPUs, gloo otherwise; then set_threads."""
+    """Join the process group: nccl when the processes use GPUs, gloo otherwise; then set_threads.
+
+    Returns this process's device (process_device). nccl gets it as `device_id`, which binds the
+    communicator to this GPU at once instead of guessing it at the first collective (where a process
+    whose current device was never set would open a context on GPU 0).
+    """
+    device = process_device(device_type, rank)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=init_method, rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
     set_threads(threads, processes_on_this_machine(world_size) if device_type != "cuda" else 1)
+    return device
 
 
 def processes_on_this_machine(world_size):
@@ -72,11 +84,15 @@ def process_device(device_type, rank):
     """The device of process `rank`: its own GPU or the CPU.
 
     Under torchrun the GPU is LOCAL_RANK (the rank within this node, multi-node runs included);
-    otherwise the processes of this machine are ranks 0..K-1, round robin over the visible GPUs.
+    otherwise the processes of this machine are ranks 0..K-1, one GPU each. A local rank without a GPU
+    of its own is an InputError (never a second process on a GPU that another rank already uses).
     """
     if device_type != "cuda":
         return torch.device("cpu")
     local_rank = int(os.environ["LOCAL_RANK"]) if launched_by_torchrun() else rank
-    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+    if local_rank >= torch.cuda.device_count():
+        raise InputError(f"process {local_rank} of this machine has no GPU of its own: only "
+                         f"{torch.cuda.device_count()} CUDA device(s) are visible (one process per GPU)")
+    device = torch.device(f"cuda:{local_rank}")
     torch.cuda.set_device(device)
     return device

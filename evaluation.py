@@ -252,10 +252,12 @@ def encode(model, image_loader, caption_loader, device):
     model.eval()
     img_embs = []
     for images, _ in tqdm(image_loader, desc="encode images", leave=False, disable=None):
-        img_embs.append(model.encode_images(images.to(device)).float().cpu())
+        img_embs.append(model.encode_images(images.to(device, non_blocking=True)).float().cpu())
     captions, start = [], 0
     for caps, lengths, _ in tqdm(caption_loader, desc="encode captions", leave=False, disable=None):
-        captions.append((start, model.encode_captions(caps.to(device), lengths.to(device)).float().cpu(), lengths))
+        # lengths stay on the CPU, where the text encoder packs by them (a GPU copy came straight back)
+        captions.append((start, model.encode_captions(caps.to(device, non_blocking=True), lengths).float().cpu(),
+                         lengths))
         start += len(lengths)
     if model.embedding and captions:
         captions = [(0, torch.cat([c[1] for c in captions]), torch.cat([c[2] for c in captions]))]
@@ -301,7 +303,7 @@ def similarity_block(model, img_embs, captions, images, caps, shard_size, device
             if shard % world != rank:
                 continue
             embs, lengths = _caption_slice(captions, c, min(c + shard_size, c1), model.embedding)
-            sims = model.similarity(imgs, embs.to(device), lengths.to(device))
+            sims = model.similarity(imgs, embs.to(device), lengths)  # lengths on the CPU: chunks are planned there
             out[a - i0:a - i0 + len(imgs), c - c0:c - c0 + len(lengths)] = sims.float().cpu().numpy()
             if bar is not None:
                 bar.update(len(imgs) * len(lengths))
@@ -315,19 +317,22 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 def precision(name, device):
     """Numerics of the encoders and the similarity path; the score head and all ranking stay fp32.
 
-    fp32: exact. tf32: TF32 tensor-core matmuls on CUDA (no effect on a CPU). bf16: autocast to
-    bfloat16 (on CUDA, and on CPUs with bf16 support).
+    fp32: exact, cuDNN's GRU included (PyTorch lets cuDNN use TF32 by default, on Ampere and later GPUs).
+    tf32: TF32 tensor-core matmuls and cuDNN on CUDA (no effect on a CPU). bf16: autocast to bfloat16
+    (on CUDA, and on CPUs with bf16 support). The caller's settings come back afterwards.
     """
     if name not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)} (got {name!r})")
-    previous = torch.get_float32_matmul_precision()
+    previous, previous_cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     if name == "tf32":
         torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = name == "tf32"
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16"):
             yield
     finally:
         torch.set_float32_matmul_precision(previous)
+        torch.backends.cudnn.allow_tf32 = previous_cudnn
 
 
 def release_freed_memory():
@@ -455,7 +460,7 @@ def similarity_pairs(model, img_embs, packed, ranges, needed, shard_size, device
     """
     def scores_of(images, ids):
         embs, lengths = gather_captions(packed, ids)
-        return model.similarity(images.to(device), embs.to(device), lengths.to(device)).float().cpu().numpy()
+        return model.similarity(images.to(device), embs.to(device), lengths).float().cpu().numpy()
 
     out = []
     for ((i0, i1), (c0, c1)), need in zip(ranges, needed):
@@ -581,13 +586,13 @@ def load_for_scoring(args, path):
     data_path = args.data_path or opt.data_path
     vocab = load_vocab(args, ckpt, opt, path)
     model = SimilarityModel.from_checkpoint(ckpt, path, len(vocab))
+    device = distributed.process_device(resolve_device(args.device).type, distributed.rank_and_world()[0])
     image_loader, caption_loader, dataset = data.get_eval_loaders(
-        data_path, opt.data_name, args.split, vocab, args.batch_size, args.workers)
+        data_path, opt.data_name, args.split, vocab, args.batch_size, args.workers, pin_memory=device.type == "cuda")
     data.check_features(dataset.features, opt.img_dim, f"the model of {path}")
     if distributed.rank_and_world()[0] == 0:
         print(f"{path}: {opt.module_name}, epoch {ckpt.get('epoch')}, {args.split}: "
               f"{dataset.n_images} images, {dataset.n_captions} captions")
-    device = distributed.process_device(resolve_device(args.device).type, distributed.rank_and_world()[0])
     return model, opt, data_path, image_loader, caption_loader, dataset, device
 
 
@@ -658,43 +663,73 @@ def save_ranks(sims, k, path):
                                     "scores": [float(s) for s in sc[q]]}) + "\n")
 
 
-def evaluation_rank(rank, args, argv, init_method, device_type):
+def describe(err):
+    """One line for an exception: an InputError's message, else its type and first line."""
+    if isinstance(err, InputError):
+        return str(err)
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+
+
+def evaluation_rank(rank, args, argv, init_method, device_type, failures):
     """A process started by --world_size: score this rank's share of the matrix for rank 0, then leave.
 
-    An error here is also rank 0's error (same inputs), which rank 0 reports; this process just exits.
+    Rank 0 would see only that a peer is gone ("Connection closed by peer"), so this process puts the
+    cause of its failure on `failures` (a queue) as one line for rank 0 to report, and exits with 2.
     """
-    distributed.init_group(rank, args.world_size, init_method, device_type, threads=args.threads)
     try:
+        distributed.init_group(rank, args.world_size, init_method, device_type, threads=args.threads)
         evaluate(args, argv)
-    except InputError:
+    except BaseException as err:
+        failures.put(f"rank {rank}: {describe(err)}")
         sys.exit(2)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def end_ranks(workers, failures, wait_s=10.0):
+    """End the spawned ranks after rank 0 failed; returns the first failure one of them reported, or None.
+
+    A rank that failed first reports and exits at once: it is waited for up to `wait_s` seconds (the ones
+    still running wait for rank 0 in a collective, until the group's timeout, and are terminated).
+    """
+    deadline = time.monotonic() + wait_s
+    while failures.empty() and any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for worker in workers:
+        worker.terminate()
+        worker.join()
+    return None if failures.empty() else failures.get()
 
 
 def evaluate_spawned(args, argv):
-    """--world_size K: this process is rank 0 and starts ranks 1..K-1; rank 0 gathers and reports."""
+    """--world_size K: this process is rank 0 and starts ranks 1..K-1; rank 0 gathers and reports.
+
+    The ranks are not daemon processes: a daemon cannot start children, i.e. data loader workers
+    (--workers > 0). Every way out of here ends them, so none outlives rank 0.
+    """
     device_type = resolve_device(args.device).type
     distributed.check_world_size(args.world_size, device_type)
     init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
     context = torch.multiprocessing.get_context("spawn")
-    workers = [context.Process(target=evaluation_rank, args=(rank, args, argv, init_method, device_type),
-                               daemon=True) for rank in range(1, args.world_size)]
+    failures = context.SimpleQueue()
+    workers = [context.Process(target=evaluation_rank, args=(rank, args, argv, init_method, device_type, failures))
+               for rank in range(1, args.world_size)]
     for worker in workers:
         worker.start()
-    distributed.init_group(0, args.world_size, init_method, device_type, threads=args.threads)
     try:
+        distributed.init_group(0, args.world_size, init_method, device_type, threads=args.threads)
         report = evaluate(args, argv)
     except (RuntimeError, dist.DistBackendError) as err:
-        for worker in workers:
-            worker.terminate()
-        raise InputError(f"an evaluation process failed ({str(err).strip().splitlines()[0][:200]})") from None
+        cause = end_ranks(workers, failures) or f"rank 0: {describe(err)}"
+        raise InputError(f"an evaluation process failed: {cause}") from None
     except BaseException:
-        for worker in workers:  # they would wait for rank 0 in the gather until the group's timeout
-            worker.terminate()
+        end_ranks(workers, failures, wait_s=0)  # they would wait for rank 0 in the gather until the group's timeout
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     for worker in workers:
         worker.join()
     return report

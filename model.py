@@ -31,18 +31,39 @@ SMOOTH = 9.0  # lambda of the SCAN text-to-image attention
 # Transient memory budget of `EncoderSimilarity`: floats of one chunk's (n_i, words, d) context tensor
 # (32 MB: small enough to stay in cache-friendly sizes on CPU, where bigger chunks measured slower).
 MAX_ELEMENTS = 2 ** 23
+# On a GPU the same budget is launch-bound (scoring at full dims ran about one caption per chunk, a training
+# forward ~40 small chunks): there a chunk's context may take this share of the device's memory instead
+# (1/128: 640 MB of an 80 GB GPU, ~2^27 floats, a training batch of 128 in a few chunks).
+GPU_MEMORY_SHARE = 128
 ONEDNN = torch.backends.mkldnn.is_available()  # `linear` uses its kernel on the CPU
+
+
+def representable_eps(eps, dtype):
+    """`eps`, or the smallest normal number of `dtype` where `eps` is below it: in fp16 (smallest normal
+    6.1e-5) the original's 1e-8 and 1e-12 round to 0, and a zero vector's 0 / (0 + eps) becomes NaN.
+    fp32, fp64 and bf16 keep `eps` as it is (their smallest normal is ~1e-38)."""
+    return max(eps, torch.finfo(dtype).tiny)
 
 
 def l1norm(X, dim, eps=1e-8):
     """X / (sum |X| + eps) along dim (the original's eps placement)."""
-    return X / (X.abs().sum(dim=dim, keepdim=True) + eps)
+    total = X.abs().sum(dim=dim, keepdim=True)
+    return X / (total + representable_eps(eps, total.dtype))
 
 
 def l2norm(X, dim=-1, eps=1e-8):
     """X / (||X||_2 + eps) along dim (the original's eps placement; one fused norm, and a zero vector
     gets a zero gradient instead of the NaN of sqrt'(0))."""
-    return X / (torch.linalg.vector_norm(X, dim=dim, keepdim=True) + eps)
+    norm = torch.linalg.vector_norm(X, dim=dim, keepdim=True)
+    return X / (norm + representable_eps(eps, norm.dtype))
+
+
+def chunk_budget(device):
+    """Elements of one chunk's (n_i, words, d) context in `EncoderSimilarity` on `device`: MAX_ELEMENTS on a
+    CPU; on a GPU 1 / GPU_MEMORY_SHARE of its memory in fp32 floats (never less than MAX_ELEMENTS)."""
+    if device.type != "cuda":
+        return MAX_ELEMENTS
+    return max(MAX_ELEMENTS, torch.cuda.get_device_properties(device).total_memory // (4 * GPU_MEMORY_SHARE))
 
 
 def linear(x, weight, bias=None, relu=False):
@@ -327,7 +348,10 @@ class _LocalAlignment(torch.autograd.Function):
     @staticmethod
     def forward(ctx, aT, V, w, weight, bias, scoring):
         buf = torch.bmm(aT.transpose(1, 2), V)  # context (n_i, W, d)
-        norm = torch.linalg.vector_norm(buf, dim=-1, keepdim=True)
+        # an fp16 context's norm in fp32: in fp16 the eps below would round to 0 (and the backward's clamp too),
+        # and an all-zero context gave NaN; other dtypes compute exactly as before
+        norm = torch.linalg.vector_norm(buf, dim=-1, keepdim=True,
+                                        dtype=torch.float32 if buf.dtype == torch.float16 else buf.dtype)
         buf.div_(norm + 1e-8).sub_(w).square_()
         ctx.save_for_backward(aT, V, w, weight, norm)
         # Training keeps F.linear (MKL's product, the caption loop's): oneDNN's sums in another order, and a
@@ -373,7 +397,7 @@ class EncoderSimilarity(nn.Module):
     def __init__(self, embed_size, sim_dim, module_name="SGR", sgr_step=3):
         super().__init__()
         self.module_name = module_name
-        self.max_elements = MAX_ELEMENTS
+        self.max_elements = None  # chunk budget; None: chunk_budget of the device the forward runs on
         self.v_global_w = VisualSA(embed_size, DROPOUT, REGIONS)
         self.t_global_w = TextSA(embed_size, DROPOUT)
         self.sim_tranloc_w = nn.Linear(embed_size, sim_dim)
@@ -390,7 +414,8 @@ class EncoderSimilarity(nn.Module):
     def forward(self, img_embs, cap_embs, lengths):
         """img_embs (n_i, R, d), cap_embs (n_c, L, d), lengths (n_c,) -> scores (n_i, n_c) in (0, 1).
 
-        Captions are sorted by length and scored in chunks of at most `max_elements` // (n_i d) words,
+        Captions are sorted by length and scored in chunks of at most `max_elements` (default: chunk_budget of
+        the device) // (n_i d) words,
         so the transient (n_i, words, d) context stays bounded and chunks carry little padding. SAF in
         training gates no caption before the gate statistics of every caption (of every process) are
         known, so its chunks keep their alignment nodes until then (autograd keeps them anyway).
@@ -410,10 +435,11 @@ class EncoderSimilarity(nn.Module):
         saf_batch_stats = self.module_name == "SAF" and self.SAF_module.uses_batch_stats()
         if self.module_name == "SGR":  # folded once for all chunks when scoring (see GraphReasoning.forward)
             edge_weights = [None if torch.is_grad_enabled() else module.edge_weights() for module in self.SGR_module]
+        budget = chunk_budget(img_embs.device) if self.max_elements is None else self.max_elements
         scores, pending, start = [], [], 0
         while start < n_c:
             width = sorted_lengths[start]  # the longest caption of the chunk
-            stop = min(n_c, start + max(1, self.max_elements // max(1, n_i * width * d)))
+            stop = min(n_c, start + max(1, budget // max(1, n_i * width * d)))
             idx = order[start:stop].to(cap_embs.device)
             nodes, node_mask = self._nodes(img_embs, img_glo, cap_embs[idx, :width],
                                            mask[order[start:stop], :width].to(cap_embs.device), cap_glo[idx])

@@ -1,6 +1,16 @@
-"""Convert SCAN region features `{split}_ims.npy` to HDF5 `{split}.h5` (dataset `feat`).
+"""Convert SCAN region features `{split}_ims.npy` to HDF5 `{split}.h5` (dataset `feat`), or check a prepared dataset.
 
     python np2h.py --data_path data --data_name coco_precomp [--splits train dev]
+    python np2h.py --check --data_path data --data_name coco_precomp [--vocab_path vocab/] [--ann_root A]
+                   [--any_counts] [--img_dim 2048]
+
+--check reads what training and evaluation will read (headers and two images per split, never a whole
+split) and prints one line per problem, each naming its file, then exits with 2; a dataset without
+problems gets one summary line and exit 0. It checks every split's caption file and features (present,
+readable, 36 regions of --img_dim values, 5 captions per image, one feature row per image or per
+caption, an .h5 that matches its .npy), the image and caption counts against the published ones of
+f30k_precomp and coco_precomp (--any_counts accepts the dataset's own, e.g. synthetic data), the
+vocabulary, and for COCO testall_ids.txt and the annotation file PMRP reads.
 
 Why: a data loader worker reading an .npy through a memory map keeps every page it touched resident
 (COCO train is 113,287 x 36 x 2048 float32 = 33 GB), while HDF5 reads one image at a time into a small
@@ -20,12 +30,24 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+import data
 import errors
 import fileio
+import vocab as vocab_lib
 from errors import InputError
-from layout import REGIONS, dataset_dir
+from layout import CAPTIONS_PER_IMAGE, REGIONS, dataset_dir
+from pmrp_com.pmrp import instance_codes, read_image_ids
 
 BLOCK_BYTES = 16 << 20  # bytes read per block (about 55 images of 36 x 2048 float32)
+# (images, captions) of every split of the SCAN releases (Karpathy's splits), as users download them:
+# SCAN's README and data.py, and the counts its users report (COCO `test` is the 1K subset; COCO 1K and
+# 5K results come from `testall`). Feature files hold one row per image, or one per caption.
+PUBLISHED_COUNTS = {
+    "f30k_precomp": {"train": (29000, 145000), "dev": (1014, 5070), "test": (1000, 5000)},
+    "coco_precomp": {"train": (113287, 566435), "dev": (5000, 25000), "test": (1000, 5000),
+                     "testall": (5000, 25000)},
+}
+PMRP_SPLIT = "testall"  # the COCO split whose image ids (testall_ids.txt) and annotations PMRP reads
 
 
 def read_npy_header(path):
@@ -94,12 +116,130 @@ def convert(npy_path, h5_path, progress=True):
     return True
 
 
+# ------------------------------------------------------------------------------------------------
+# --check
+
+
+def check_split(directory, split, img_dim, published):
+    """Problems of one split (a list of one-line strings, each naming its file) and its (images, captions,
+    feature file) when its captions and features could be read (else None).
+
+    published: (images, captions) the split must have, or None to accept its own counts.
+    """
+    problems = []
+    caps_path = os.path.join(directory, f"{split}_caps.txt")
+    try:
+        n_captions = len(fileio.read_lines(caps_path, "caption file"))
+        features = data.FeatureStore(directory, split, n_captions)
+    except InputError as err:  # a missing or unreadable file, feature rows that fit no caption count
+        return [str(err)], None
+    if n_captions % CAPTIONS_PER_IMAGE:
+        problems.append(f"{caps_path}: {n_captions} captions, not {CAPTIONS_PER_IMAGE} per image")
+    if (features.n_regions, features.img_dim) != (REGIONS, img_dim):
+        problems.append(f"{features.path}: {features.n_regions} regions of {features.img_dim} values per image, "
+                        f"expected {REGIONS} of {img_dim} (--img_dim)")
+    npy_path = os.path.join(directory, f"{split}_ims.npy")
+    if features.kind == "h5" and os.path.isfile(npy_path):  # the loader reads the .h5: it must be the .npy's
+        try:
+            shape = read_npy_header(npy_path)[0]
+            if not is_finished(features.path, shape):
+                problems.append(f"{features.path}: does not hold the float32 {shape} features of {npy_path} "
+                                f"(delete it and run np2h.py again)")
+        except InputError as err:
+            problems.append(str(err))
+    try:  # the first and the last image: a file cut short or filled with garbage shows there
+        for index in sorted({0, features.n_images - 1}):
+            if not np.isfinite(features[index]).all():
+                problems.append(f"{features.path}: image {index} has NaN or inf values")
+    except (OSError, ValueError) as err:
+        problems.append(f"{features.path}: features cannot be read ({str(err)[:120]})")
+    finally:
+        features.close()
+    counts = (features.n_images, n_captions)
+    if published is not None and counts != published:
+        problems.append(f"{caps_path}: {counts[0]:,} images / {counts[1]:,} captions, the published {split} split has "
+                        f"{published[0]:,} / {published[1]:,} (--any_counts accepts other counts)")
+    return problems, (features.n_images, n_captions, features.kind)
+
+
+def check_pmrp(directory, n_images, ann_root):
+    """Problems of testall_ids.txt (one COCO image id per testall caption) and of the COCO instances file
+    PMRP reads for those ids; and the number of images without instances (None when unchecked)."""
+    ids_path = os.path.join(directory, "testall_ids.txt")
+    try:
+        image_ids = read_image_ids(ids_path, n_images, os.path.join(directory, f"{PMRP_SPLIT}_caps.txt"))
+        codes = instance_codes(os.path.join(ann_root, "instances_val2014.json"), image_ids, ids_path)
+    except InputError as err:
+        return [str(err)], None
+    return [], int((~codes.any(1)).sum())
+
+
+def check_dataset(opt):
+    """Every problem of the dataset `opt` names (list of lines) and, when there is none, its summary line."""
+    directory = dataset_dir(opt.data_path, opt.data_name)
+    published = PUBLISHED_COUNTS.get(opt.data_name, {})
+    splits = opt.splits or list(published) or sorted(
+        os.path.basename(p)[:-len("_caps.txt")] for p in glob.glob(os.path.join(directory, "*_caps.txt")))
+    if not splits:
+        return [f"{directory}: no {{split}}_caps.txt caption files"], None
+    problems, found = [], {}
+    for split in splits:
+        split_problems, counts = check_split(directory, split, opt.img_dim,
+                                             None if opt.any_counts else published.get(split))
+        problems += split_problems
+        if counts is not None:
+            found[split] = counts
+    vocab_path = os.path.join(opt.vocab_path, f"{opt.data_name}_vocab.json")
+    try:
+        n_words = len(vocab_lib.deserialize_vocab(vocab_path))
+    except InputError as err:
+        problems.append(str(err))
+    no_instances = None
+    if PMRP_SPLIT in splits:
+        if PMRP_SPLIT in found:
+            pmrp_problems, no_instances = check_pmrp(directory, found[PMRP_SPLIT][0], opt.ann_root)
+            problems += pmrp_problems
+        elif not os.path.isfile(os.path.join(directory, "testall_ids.txt")):
+            problems.append(f"{os.path.join(directory, 'testall_ids.txt')}: image id list not found (PMRP)")
+    if problems:
+        return problems, None
+    parts = [f"{split} {n:,} images / {c:,} captions ({kind})" for split, (n, c, kind) in found.items()]
+    pmrp = "" if no_instances is None else (f"; PMRP annotations {opt.ann_root} (testall images without instances: "
+                                            f"{no_instances})")
+    counts = "counts as found (--any_counts)" if opt.any_counts or not published else "counts as published"
+    return [], (f"{directory}: ready: {', '.join(parts)}; features ({REGIONS}, {opt.img_dim}); {counts}; "
+                f"vocabulary {vocab_path} ({n_words:,} words){pmrp}")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
 def main(argv=None):
-    parser = errors.ArgumentParser(description="Convert {split}_ims.npy region features to {split}.h5 (dataset 'feat').")
+    parser = errors.ArgumentParser(description="Convert {split}_ims.npy region features to {split}.h5 (dataset "
+                                               "'feat'), or --check a prepared dataset.")
     parser.add_argument("--data_path", default="data", help="folder holding {data_name}/")
     parser.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp, or any folder name")
-    parser.add_argument("--splits", nargs="+", default=None, help="splits to convert (default: every {split}_ims.npy found)")
+    parser.add_argument("--splits", nargs="+", default=None,
+                        help="splits to convert (default: every {split}_ims.npy found) or to check (default: the "
+                             "published splits of f30k_precomp / coco_precomp, else every {split}_caps.txt)")
+    parser.add_argument("--check", action="store_true",
+                        help="convert nothing: check the dataset (one line per problem and exit 2, or a summary line)")
+    parser.add_argument("--vocab_path", default="vocab/", help="--check: folder holding {data_name}_vocab.json")
+    parser.add_argument("--ann_root", default=os.path.join("pmrp_com", "coco_ann"),
+                        help="--check: folder with instances_val2014.json (COCO, for PMRP)")
+    parser.add_argument("--img_dim", default=2048, type=int, help="--check: region feature dimension expected")
+    parser.add_argument("--any_counts", action="store_true",
+                        help="--check: accept the dataset's own image and caption counts instead of the published "
+                             "ones (synthetic or custom data)")
     opt = parser.parse_args(argv)
+    if opt.check:
+        problems, summary = check_dataset(opt)
+        for line in problems:
+            print(line)
+        if problems:
+            raise SystemExit(2)
+        print(summary)
+        return
     directory = dataset_dir(opt.data_path, opt.data_name)
     if opt.splits is None:
         splits = sorted(os.path.basename(p)[:-len("_ims.npy")] for p in glob.glob(os.path.join(directory, "*_ims.npy")))

@@ -90,6 +90,11 @@ def build_parser():
     parser.add_argument("--val_images", default=0, type=int, help="validate on the first N dev images (0 = all)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                         help="numerics of validation's similarity matrix (scores and ranking stay fp32)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU kernels (torch.use_deterministic_algorithms, a fixed cuBLAS "
+                             "workspace): a resumed GPU run then repeats a straight one bit for bit, somewhat "
+                             "slower; without it GPU runs differ in the last bits from run to run (atomic adds in "
+                             "backward). CPU runs are deterministic either way")
     parser.add_argument("--dist_timeout", default=1800, type=int,
                         help="seconds a process waits for a lost peer before giving up (distributed runs)")
     return parser

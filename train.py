@@ -10,8 +10,10 @@ averages the gradients, and the learning rate is multiplied by world_size x accu
 (the stored option stays unscaled, so resuming or relaunching never scales it twice).
 """
 import argparse
+import contextlib
 import glob
 import logging
+import math
 import os
 import re
 import sys
@@ -189,12 +191,33 @@ def distribute(model, device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def use_deterministic_algorithms():
+    """--deterministic: torch's deterministic kernels, so that a resumed GPU run repeats a straight one bit for bit.
+
+    Without it a GPU run is repeatable only up to the atomic adds of some backward passes (the word
+    embedding's gradient, index and scatter ops), whose order changes from run to run; on a CPU every
+    kernel used here is deterministic already and nothing changes. cuBLAS needs a fixed workspace for
+    deterministic products; it reads CUBLAS_WORKSPACE_CONFIG when this process first uses it, i.e. after
+    this call. An op without a deterministic kernel then stops the run with torch's error naming it.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def set_learning_rate(opt, optimizer, epoch):
     """Base rate x processes x accum_steps, divided by 10 every lr_update epochs (the original's schedule)."""
     lr = opt.learning_rate * process_count(opt) * opt.accum_steps * (0.1 ** (epoch // opt.lr_update))
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+def micro_batch(model, distributed, last):
+    """The context of one micro-batch's forward and backward. DDP all-reduces the gradients in backward; the
+    micro-batches before a step's `last` only accumulate them in this process (DDP's no_sync), so that a step
+    of accum_steps micro-batches all-reduces once instead of accum_steps times (the sum is the same)."""
+    return model.no_sync() if distributed and not last else contextlib.nullcontext()
 
 
 def compute_losses(model, criterion, images, captions, lengths, relevance, max_violation, amp_dtype=None):
@@ -260,37 +283,53 @@ def validate(opt, model, val_loaders, device, writer, step):
     return metrics["rsum"]
 
 
-def rng_state():
-    """This process's random number generators (dropout): {'torch': CPU state, 'cuda': [per GPU]}, tensors."""
+def rng_state(device):
+    """This process's random number generators (dropout): {'torch': CPU state, 'cuda': the state of this
+    process's GPU `device`, when it trains on one}, tensors.
+
+    Only its own GPU: the generators of the other visible GPUs belong to other ranks (or to nobody), and a
+    resume that sees fewer GPUs, or gives this rank another GPU index, must still find its own stream.
+    """
     rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     return rng
 
 
 def restore_rng_state(rng, device):
+    """Set this process's generators from rng_state(): the CPU one, and `device`'s from the saved GPU state.
+
+    Checkpoints written before states were saved per process hold a list, one state per GPU visible
+    then; the one of this process's GPU index is taken (none when that GPU index is not in the list).
+    """
     torch.set_rng_state(rng["torch"])
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    saved = rng.get("cuda")
+    if device.type != "cuda" or saved is None:
+        return
+    if isinstance(saved, (list, tuple)):
+        if device.index >= len(saved):
+            return
+        saved = saved[device.index]
+    torch.cuda.set_rng_state(saved, device)
 
 
-def every_rank_rng_state(distributed):
+def every_rank_rng_state(distributed, device):
     """Every process's rng_state(), in rank order, on rank 0 (None on the others); None in a one-process
     run. Every rank must call it: each process draws its own dropout, so an exact resume of K processes
     needs all K states, and only rank 0 writes the checkpoint."""
     if not distributed:
         return None
     states = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(rng_state(), states, dst=0)
+    dist.gather_object(rng_state(device), states, dst=0)
     return states
 
 
-def checkpoint_state(opt, model, optimizer, scaler, vocab, epoch, best_rsum, iterations, rng_ranks):
+def checkpoint_state(opt, model, optimizer, scaler, vocab, epoch, best_rsum, iterations, rng_ranks, device):
     """The original's checkpoint keys plus what an exact resume needs (all plain types): `rng` is this
-    process's (rank 0's) RNG state, `rng_ranks` (runs of K > 1 processes only) every rank's."""
+    process's (rank 0's, on `device`) RNG state, `rng_ranks` (runs of K > 1 processes only) every rank's."""
     state = {"epoch": epoch, "model": [add_module_prefix(state) for state in unwrap(model).state_dicts()],
              "best_rsum": best_rsum, "opt": opt, "Eiters": iterations, "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "rng": rng_state(), "vocab": dict(vocab.word2idx)}
+             "scaler": scaler.state_dict(), "rng": rng_state(device), "vocab": dict(vocab.word2idx)}
     if rng_ranks is not None:
         state["rng_ranks"] = rng_ranks
     return state
@@ -304,19 +343,22 @@ def train_process(rank, opt, init_method):
     """Everything one process does: data, model, the epochs; rank 0 validates, logs and saves."""
     distributed = process_count(opt) > 1
     configure_logging(rank)
+    if opt.deterministic:
+        use_deterministic_algorithms()
     if distributed:
-        init_group(rank, process_count(opt), init_method, device_type(opt), opt.dist_timeout, opt.threads)
+        device = init_group(rank, process_count(opt), init_method, device_type(opt), opt.dist_timeout, opt.threads)
     else:
         set_threads(opt.threads)
-    device = process_device(device_type(opt), rank)
+        device = process_device(device_type(opt), rank)
+    pin = device.type == "cuda"  # page-locked batches copy to a GPU asynchronously; on a CPU they only cost
 
     vocab = deserialize_vocab(vocab_file(opt))
     opt.vocab_size = len(vocab)
     torch.manual_seed(opt.seed)  # identical initial weights on every rank
-    train_loader = data.get_train_loader(opt, vocab, distributed)
+    train_loader = data.get_train_loader(opt, vocab, distributed, pin_memory=pin)
     max_captions = 5 * opt.val_images if opt.val_images else None
     val_loaders = data.get_eval_loaders(opt.data_path, opt.data_name, "dev", vocab, opt.batch_size,
-                                        opt.workers, max_captions=max_captions)
+                                        opt.workers, max_captions=max_captions, pin_memory=pin)
 
     model = SimilarityModel(opt).to(device)
     start_epoch, best_rsum, iterations, ckpt = 0, 0.0, 0, None
@@ -331,7 +373,10 @@ def train_process(rank, opt, init_method):
     if opt.resume:
         if "optimizer" in ckpt:  # the original release's checkpoints hold weights only
             optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt.get("scaler", {}))
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            # an --amp fp16 run goes on with its loss scale; a checkpoint of an fp32 or bf16 run (or the
+            # original's) has none to give, and the scaler starts from its initial scale, as a new fp16 run
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best_rsum, iterations = ckpt["epoch"], ckpt["best_rsum"], ckpt["Eiters"]
     saved_rng_ranks = ckpt.get("rng_ranks", []) if opt.resume else []
     if len(saved_rng_ranks) == process_count(opt):
@@ -355,7 +400,7 @@ def train_process(rank, opt, init_method):
 
     def save(name, epoch, rng_ranks):
         save_checkpoint(checkpoint_state(opt, model, optimizer, scaler, vocab, epoch, best_rsum, iterations,
-                                         rng_ranks), os.path.join(opt.model_name, name))
+                                         rng_ranks, device), os.path.join(opt.model_name, name))
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opt.amp)
     for epoch in range(start_epoch, opt.num_epochs):
@@ -367,23 +412,35 @@ def train_process(rank, opt, init_method):
         batches = tqdm(train_loader, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True, leave=False)
         end = time.time()
         optimizer.zero_grad(set_to_none=True)
+        step_losses = []  # the loss of each micro-batch of the coming step, on the device
         for i, (images, captions, lengths, _, _, relevance) in enumerate(batches):
             data_time = time.time() - end
-            losses = compute_losses(model, criterion, images.to(device), captions.to(device), lengths,
-                                    relevance.to(device), max_violation, amp_dtype)
-            if not torch.isfinite(losses["loss"]):
-                raise TrainingDiverged(
-                    f"the loss became {losses['loss'].item()} at epoch {epoch}, iteration {iterations + 1} "
-                    f"(rank {rank}); stopped, the last good checkpoint in {opt.model_name} is untouched")
-            scaler.scale(losses["loss"] / opt.accum_steps).backward()
-            if (i + 1) % opt.accum_steps and i + 1 != len(train_loader):
+            last = (i + 1) % opt.accum_steps == 0 or i + 1 == len(train_loader)  # of the step's micro-batches
+            with micro_batch(model, distributed, last):
+                # lengths stay on the CPU: the forward packs and chunks by them on the host
+                losses = compute_losses(model, criterion, images.to(device, non_blocking=pin),
+                                        captions.to(device, non_blocking=pin), lengths,
+                                        relevance.to(device, non_blocking=pin), max_violation, amp_dtype)
+                scaler.scale(losses["loss"] / opt.accum_steps).backward()
+            step_losses.append(losses["loss"].detach())
+            if not last:
                 continue
+            # One device-to-host copy per step (not one per value and micro-batch, each stalling the GPU's queue):
+            # every micro-batch's loss, checked before the step so that a NaN never reaches the weights, and
+            # the last micro-batch's values for the log.
+            host = torch.stack(step_losses + [value.detach().float() for value in losses.values()]).tolist()
+            diverged = [value for value in host[:len(step_losses)] if not math.isfinite(value)]
+            step_losses = []
+            if diverged:
+                raise TrainingDiverged(
+                    f"the loss became {diverged[0]} at epoch {epoch}, iteration {iterations + 1} "
+                    f"(rank {rank}); stopped, the last good checkpoint in {opt.model_name} is untouched")
             optimizer_step(model, optimizer, scaler, opt.grad_clip)
             iterations += 1
             batch_time = time.time() - end
             end = time.time()
             if rank == 0:
-                values = {name: value.item() for name, value in losses.items()}
+                values = dict(zip(losses, host[-len(losses):]))
                 batches.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}")
                 if iterations % opt.log_step == 0:
                     for name, value in values.items():
@@ -398,7 +455,7 @@ def train_process(rank, opt, init_method):
                 validate(opt, model, val_loaders, device, writer, iterations)
         # end of epoch: validate, then save checkpoint_{epoch} and, when best, model_best
         rsum = validate(opt, model, val_loaders, device, writer, iterations)
-        rng_ranks = every_rank_rng_state(distributed)
+        rng_ranks = every_rank_rng_state(distributed, device)
         if rank == 0:
             is_best = rsum > best_rsum
             best_rsum = max(rsum, best_rsum)
@@ -486,11 +543,12 @@ def main(argv=None):
         except mp.ProcessRaisedException as err:
             raise InputError(f"a training process failed: {str(err).strip().splitlines()[-1]}") from None
     else:
-        threads = torch.get_num_threads()
+        threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
         try:
             train_process(0, opt, None)
-        finally:
-            torch.set_num_threads(threads)  # --threads is this run's: an in-process caller keeps its own
+        finally:  # --threads and --deterministic are this run's: an in-process caller keeps its own
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
 
 
 if __name__ == "__main__":

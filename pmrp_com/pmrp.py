@@ -27,11 +27,11 @@ N_CATEGORIES = 90
 CHUNK_ELEMENTS = 1 << 22
 
 
-def read_image_ids(path, n_images):
+def read_image_ids(path, n_images, against="the similarity matrix"):
     """COCO image id of each row of an (n_images, 5 n_images) matrix from a testall_ids.txt.
 
     The file has one id per caption line; captions 5i..5i+4 belong to image i, so their ids must agree.
-    Returns int64 (n_images,).
+    `against` names what n_images comes from, in the error for a wrong line count. Returns int64 (n_images,).
     """
     lines = read_lines(path, "image id list")
     try:
@@ -40,7 +40,7 @@ def read_image_ids(path, n_images):
         bad = next(n for n, line in enumerate(lines, 1) if not line.strip().lstrip("-").isdigit())
         raise InputError(f"{path}: line {bad} is not an integer image id") from None
     if len(ids) != 5 * n_images:
-        raise InputError(f"{path}: {len(ids)} caption lines, but the similarity matrix has "
+        raise InputError(f"{path}: {len(ids)} caption lines, but {against} has "
                          f"{5 * n_images} captions ({n_images} images)")
     per_image = ids.reshape(n_images, 5)
     mixed = np.flatnonzero((per_image != per_image[:, :1]).any(1))
