@@ -510,7 +510,8 @@ def sinusoid_positions(length, dim, dtype=torch.float32, device=None):
     """The Transformer's positional encoding of positions 0..length-1: (length, dim), sin(p / 10000^(2k / dim))
     in column 2k, cos of the same in column 2k + 1 (dim even)."""
     position = torch.arange(length, dtype=torch.float64, device=device)[:, None]
-    angle = position * torch.exp(torch.arange(0, dim, 2, dtype=torch.float64, device=device) * (-math.log(10000.0) / dim))
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64, device=device) * (-math.log(10000.0) / dim))
+    angle = position * frequency
     return torch.stack([angle.sin(), angle.cos()], 2).view(length, dim).to(dtype)
 
 

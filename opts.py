@@ -52,7 +52,8 @@ def build_parser():
     parser.add_argument("--no_txtnorm", action="store_true", help="do not l2-normalise word embeddings")
     parser.add_argument("--module_name", default="SGR", choices=["SGR", "SAF", "VSE", "PCME", "PCMEpp"],
                         help="SGR, SAF: similarity reasoning on every (image, caption) pair; VSE, PCME, PCMEpp "
-                             "(PCME++): embedding models, one vector (PCME, PCMEpp: one Gaussian) per image and caption")
+                             "(PCME++): embedding models, one vector (PCME, PCMEpp: one Gaussian) per image and "
+                             "caption")
     parser.add_argument("--sgr_step", default=3, type=int, help="graph reasoning steps of SGR")
     parser.add_argument("--vse_pool", default="mean", choices=["mean", "max", "gpo"],
                         help="VSE only: how regions and words are pooled into one vector (gpo: VSE∞'s generalized "

@@ -74,7 +74,7 @@ def check_options(opt):
     if opt.pcme_samples < 1 or opt.pcme_vib_weight < 0:
         raise InputError("--pcme_samples must be at least 1 and --pcme_vib_weight cannot be negative")
     if not (opt.pcmepp_vib_weight >= 0 and opt.pcmepp_pseudo_weight >= 0):
-        raise InputError("--pcmepp_vib_weight and --pcmepp_pseudo_weight cannot be negative")
+        raise InputError("--pcmepp_vib_weight and --pcmepp_pseudo_weight must be numbers of at least 0")
     check_world_size(opt.world_size, device_type(opt))
     if opt.amp == "fp16" and device_type(opt) != "cuda":
         raise InputError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
