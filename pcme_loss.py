@@ -11,14 +11,17 @@ log space (log mean sigmoid = logsumexp logsigmoid - log K^2): at PCME's initial
 underflow in fp32, their logs do not. KL: sum over the batch's items and dims of KL(N(mu, sigma^2) ||
 N(0, I)), PCME's VIB regulariser. DAA: daa_loss.DAALoss's terms on S, as for every module.
 
-PCME++:  loss = 2 BCE(logits, I) + pseudo_weight * [BCE(logits, P_i2t) + BCE(logits, P_t2i)]
-                + vib_weight * KL + DAA on -CSD
+PCME++:  loss = B^2 * (2 BCE(logits, I) + pseudo_weight * [BCE(logits, P_i2t) + BCE(logits, P_t2i)]
+                       + vib_weight * KL) + DAA on -CSD
 
-as naver-ai/pcmepp's ClosedFormSampledDistanceLoss: logits = -a CSD + b (B, B); BCE the binary
+B^2 times naver-ai/pcmepp's ClosedFormSampledDistanceLoss: logits = -a CSD + b (B, B); BCE the binary
 cross-entropy with logits, averaged over the B x B pairs, its i2t and t2i directions equal (hence 2x);
 P_i2t[i, j] = 1 where logit[i, j] >= logit[i, i] (pseudo-positives of image i, its own caption among
 them), P_t2i[i, j] = 1 where logit[i, j] >= logit[j, j], labels that carry no gradient; KL the mean over
-items and dims, per modality, of the two modalities' KL to N(0, I). DAA ranks S = -CSD, the score
+items and dims, per modality, of the two modalities' KL to N(0, I). The factor B^2 turns PCME++'s means
+over the B x B pairs into sums, as PCME's soft contrastive above (and PCME's code) sums its pairs, so that
+--daa_weight weighs DAA against the matching loss as it does for PCME (README: PCME++'s mean let DAA at
+weight 1 swamp the matching loss); PCME++'s own terms keep their ratios. DAA ranks S = -CSD, the score
 evaluation ranks by (README).
 """
 import math
@@ -72,9 +75,9 @@ def pseudo_positive_matching(logits):
 
 class PCMEppLoss(DAALoss):
     """forward(PCMEBatch of -CSD (N, N), logits (N, N), KL; M (N, N) or None) -> dict of 0-dim tensors: loss,
-    contrastive_loss (PCME++'s matching loss, 2 BCE), pseudo_positive_loss (pseudo_weight x its pseudo-
-    positive matching), vib_loss (vib_weight x KL), daa_i2t_loss, daa_t2i_loss. Defaults: PCME++'s config
-    (vib_beta 1e-4, smoothness_alpha 0.1). `max_violation` is accepted and ignored, as by PCMELoss."""
+    contrastive_loss (N^2 x PCME++'s matching loss, 2 BCE), pseudo_positive_loss (N^2 x pseudo_weight x its
+    pseudo-positive matching), vib_loss (N^2 x vib_weight x KL), daa_i2t_loss, daa_t2i_loss. Defaults: PCME++'s
+    config (vib_beta 1e-4, smoothness_alpha 0.1). `max_violation` is accepted and ignored, as by PCMELoss."""
 
     def __init__(self, vib_weight=1e-4, pseudo_weight=0.1, daa_weight=25, daa_temp=0.001, daa_variant="reference"):
         super().__init__(daa_weight=daa_weight, daa_temp=daa_temp, daa_variant=daa_variant)
@@ -82,10 +85,11 @@ class PCMEppLoss(DAALoss):
 
     def forward(self, batch, M=None, max_violation=None):
         sims, logits, kl = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in batch)
+        pairs = logits.numel()  # PCME++'s means over the B x B pairs, made sums (module docstring)
         eye = torch.eye(len(logits), dtype=logits.dtype, device=logits.device)
-        matching = 2 * F.binary_cross_entropy_with_logits(logits, eye)
-        pseudo = self.pseudo_weight * pseudo_positive_matching(logits)
-        vib = self.vib_weight * kl
+        matching = pairs * 2 * F.binary_cross_entropy_with_logits(logits, eye)
+        pseudo = pairs * self.pseudo_weight * pseudo_positive_matching(logits)
+        vib = pairs * self.vib_weight * kl
         daa_i2t, daa_t2i = self.daa_terms(sims, M)
         return {"loss": matching + pseudo + vib + daa_i2t + daa_t2i, "contrastive_loss": matching,
                 "pseudo_positive_loss": pseudo, "vib_loss": vib, "daa_i2t_loss": daa_i2t, "daa_t2i_loss": daa_t2i}

@@ -218,14 +218,15 @@ def test_pcmepp_step_loss_and_gradients_equal_the_restatement():
         logit = -net.sim_enc.log_scale.exp() * csd + net.sim_enc.shift
         n = len(csd)
         pairs = [(i, j) for i in range(n) for j in range(n)]
-        matching = 2 * sum(bce(logit[i, j], float(i == j)) for i, j in pairs) / n ** 2
+        # PCME++'s means over the n x n pairs, times n^2: sums over the pairs
+        matching = 2 * sum(bce(logit[i, j], float(i == j)) for i, j in pairs)
         i2t_labels = {(i, j): float(logit[i, j] >= logit[i, i]) for i, j in pairs}  # image i's pseudo-positives
         t2i_labels = {(i, j): float(logit[i, j] >= logit[j, j]) for i, j in pairs}  # caption j's
         seen["pseudo"] = sum(i2t_labels.values()) + sum(t2i_labels.values()) - 2 * n
         pseudo = pseudo_weight * sum(bce(logit[i, j], i2t_labels[i, j]) + bce(logit[i, j], t2i_labels[i, j])
-                                     for i, j in pairs) / n ** 2
-        kl = sum(sum(0.5 * (v.exp() + m.square() - 1 - v).sum() for m, v in side) / (len(side) * side[0][0].numel())
-                 for side in (img_g, cap_g))
+                                     for i, j in pairs)
+        kl = n ** 2 * sum(sum(0.5 * (v.exp() + m.square() - 1 - v).sum() for m, v in side) / (n * len(side[0][0]))
+                          for side in (img_g, cap_g))
         i2t, t2i = daa_terms_direct(-csd, relevance, 3.0)
         return {"loss": matching + pseudo + vib_weight * kl + i2t + t2i, "contrastive_loss": matching,
                 "pseudo_positive_loss": pseudo, "vib_loss": vib_weight * kl, "daa_i2t_loss": i2t, "daa_t2i_loss": t2i}
