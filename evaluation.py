@@ -59,8 +59,11 @@ from pmrp_com.pmrp import topk_rankings, topk_rows
 # Elements of one chunk of rows in the rank computations: 2^20 x (1-8 bytes) x about 15 temporaries.
 CHUNK_ELEMENTS = 1 << 20
 KS = (1, 5, 10)
-# How a PCME checkpoint's matrix is scored (model.PCMEHead in eval mode), told in the JSON of its evaluations.
+# How a PCME (PCME++) checkpoint's matrix is scored (model.PCMEHead, PCMEppHead in eval mode), told in the JSON
+# of its evaluations.
 PCME_SCORING = "means: sigmoid(-a ||mu_image - mu_caption||_2 + b)"
+PCMEPP_SCORING = "-CSD: -(||mu_image - mu_caption||^2 + sum sigma_image^2 + sum sigma_caption^2)"
+SCORING = {"PCME": PCME_SCORING, "PCMEpp": PCMEPP_SCORING}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,7 +249,7 @@ def encode(model, image_loader, caption_loader, device):
 
     Returns img_embs (n_img, 36, d) on the CPU, and the captions as a list of
     (first caption index, embeddings (b, L_b, d) on the CPU, lengths (b,)) per loader batch, each
-    batch padded only to its own longest caption. Embedding models (VSE, PCME) give one row per item:
+    batch padded only to its own longest caption. Embedding models (VSE, PCME, PCMEpp) give one row per item:
     img_embs (n_img, ...) and a single entry (0, all captions' embeddings (n_cap, ...), lengths).
     """
     model.eval()
@@ -866,8 +869,9 @@ def evaluate(args, argv):
     n_images = relevance.n_images
     report = {"split": args.split, "fold5": bool(args.fold5), "n_images": n_images,
               "n_captions": relevance.n_captions}
-    if any(o.module_name == "PCME" for o in opts_used or ()):
-        report["pcme_scoring"] = PCME_SCORING
+    scoring = dict.fromkeys(SCORING[o.module_name] for o in opts_used or () if o.module_name in SCORING)
+    if scoring:
+        report["pcme_scoring"] = "; ".join(scoring)
     if args.fold5:
         sems_blocks = [relevance.block(np.arange(lo, hi), np.arange(5 * lo, 5 * hi)) for lo, hi in fold_bounds(n_images)]
         report.update(score_folds(fold_blocks(sims) if blocks is None else blocks, sems_blocks, t2i_blocks))

@@ -1,7 +1,7 @@
 """Learnable synthetic datasets in the exact SCAN precomp layouts, for demos, tests and benchmarks.
 
     python make_synthetic_data.py [--out_dir synthetic/data --vocab_dir synthetic/vocab
-                                   --ann_dir synthetic/coco_ann --seed 0]
+                                   --ann_dir synthetic/coco_ann --seed 0 --binding 0.5]
 
 writes, deterministically from `--seed` (same seed, same bytes):
 - `{out_dir}/f30k_precomp/{train,dev,test}_{caps.txt,ims.npy}` and
@@ -79,6 +79,9 @@ SCENES = ["street", "kitchen", "park", "beach", "living room", "field", "office"
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 VERBS = ["sitting", "standing", "lying", "resting", "placed", "shown"]
 PREPOSITIONS = ["next to", "near", "beside", "behind", "in front of", "on top of"]
+# Share of object phrases that carry their object's colour ("red dog"): the phrases whose meaning depends on
+# which colour goes with which category in the image (--binding; 0.5 is the data every earlier run used).
+DEFAULT_BINDING = 0.5
 TEMPLATES = [
     "{A} {o1} {verb} {prep} {a2} {o2} in the {scene}.",
     "There is {a1} {o1} and {a2} {o2} in a {scene}",
@@ -129,8 +132,15 @@ def sample_images(rng, world, n_images):
     return images
 
 
-def caption(rng, image):
-    """One caption naming (some of) the image's objects, in the order of a random template."""
+def caption(rng, image, binding=DEFAULT_BINDING):
+    """One caption naming (some of) the image's objects, in the order of a random template.
+
+    Each object phrase names its colour with probability `binding`. Only those phrases depend on the
+    colour-category binding: an image holds each of its colours on one object, so "red dog" tells it from
+    an image with a red cat and a white dog, which a bag of the image's categories and colours (a pooled
+    vector) cannot. With binding 0 a caption says nothing a pooled vector misses (categories, counts, scene).
+    The random draws do not depend on `binding`, so every other word and every feature stays the same.
+    """
     scene, objects = image
     order = rng.permutation(len(objects))
     words = {"scene": SCENES[scene], "verb": VERBS[rng.integers(len(VERBS))],
@@ -139,7 +149,7 @@ def caption(rng, image):
         cat, colour, count = objects[order[slot % len(objects)]]
         name = COCO_CATEGORIES[cat][1]
         noun = name if count == 1 else plural(name)
-        if rng.random() < 0.5:
+        if rng.random() < binding:
             noun = f"{COLOURS[colour]} {noun}"
         words[f"o{slot + 1}"] = noun
         words[f"a{slot + 1}"] = COUNT_WORDS[count] if count > 1 or rng.random() < 0.8 else "one"
@@ -210,10 +220,10 @@ def stale_features(paths):
     return stale
 
 
-def draw_split(rng, world, n_images):
+def draw_split(rng, world, n_images, binding=DEFAULT_BINDING):
     """(images, caption lines, features (n_images, 36, D) float32) of one split, drawn from `rng`."""
     images = sample_images(rng, world, n_images)
-    lines = [caption(rng, image) for image in images for _ in range(CAPTIONS_PER_IMAGE)]
+    lines = [caption(rng, image, binding) for image in images for _ in range(CAPTIONS_PER_IMAGE)]
     return images, lines, np.stack([features(rng, world, image) for image in images])
 
 
@@ -229,7 +239,7 @@ def draw_datasets(opt):
     for data_name in ("f30k_precomp", "coco_precomp"):  # fixed order: the bytes must not depend on --datasets order
         if data_name in opt.datasets:
             for split in SPLITS[data_name]:
-                yield (data_name, split) + draw_split(rng, world, sizes[split])
+                yield (data_name, split) + draw_split(rng, world, sizes[split], opt.binding)
 
 
 def noisy_pairs(seed, data_name, n_images, noise_rate):
@@ -284,8 +294,8 @@ def content_oracle(opt, data_name="coco_precomp", split="testall", n_samples=100
     images, lines = next((im, ln) for name, sp, im, ln, _ in draw_datasets(opt) if (name, sp) == (data_name, split))
     relevance = SemanticRelevance(lines, CAPTIONS_PER_IMAGE, f"{data_name} {split}")
     rng = np.random.default_rng(seed)
-    expected = np.stack([np.asarray(relevance.tfidf_rows([caption(rng, image) for _ in range(n_samples)]).mean(axis=0)).ravel()
-                         for image in images])  # (n_images, V)
+    expected = np.stack([np.asarray(relevance.tfidf_rows([caption(rng, image, opt.binding) for _ in range(n_samples)])
+                                    .mean(axis=0)).ravel() for image in images])  # (n_images, V)
     return np.asarray(relevance.tfidf_rows(lines) @ expected.T).T.astype(np.float32)
 
 
@@ -345,6 +355,9 @@ def build_parser():
     parser.add_argument("--noise_rate", default=0.0, type=float,
                         help="share p in [0, 1) of training images whose captions are another training image's "
                              "(noisy correspondence); 0 = clean")
+    parser.add_argument("--binding", default=DEFAULT_BINDING, type=float,
+                        help="share (0-1) of object phrases naming the object's colour, whose meaning depends on "
+                             "which colour goes with which object; 0: captions a pooled image vector can match")
     return parser
 
 
@@ -361,6 +374,8 @@ def main(argv=None):
         raise InputError(f"--noise_rate must be in [0, 1) (got {opt.noise_rate})")
     for data_name in opt.datasets:  # a noise rate that cannot be made is refused before anything is written
         noisy_pairs(opt.seed, data_name, opt.n_train, opt.noise_rate)
+    if not 0 <= opt.binding <= 1:
+        raise InputError(f"--binding must be a share between 0 and 1 (got {opt.binding})")
     unknown = set(opt.rows_per_caption) - {"train", "dev", "test", "testall"}
     if unknown:
         raise InputError(f"--rows_per_caption: unknown split(s) {sorted(unknown)}")

@@ -11,8 +11,8 @@ from errors import ArgumentParser
 
 
 def build_parser():
-    parser = ArgumentParser(description="Train SGR, SAF or VSE with the VSE++ triplet loss + DAA, or PCME with its "
-                                        "soft contrastive loss + DAA.")
+    parser = ArgumentParser(description="Train SGR, SAF or VSE with the VSE++ triplet loss + DAA, or PCME (PCME++) "
+                                        "with its soft contrastive (closed-form matching) loss + DAA.")
     # data and output paths
     parser.add_argument("--data_path", default="data", help="folder holding {data_name}/ (SCAN precomp layout)")
     parser.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp, or any folder name")
@@ -50,16 +50,23 @@ def build_parser():
     parser.add_argument("--no_bi_gru", dest="bi_gru", action="store_false", help="use a unidirectional GRU")
     parser.add_argument("--no_imgnorm", action="store_true", help="do not l2-normalise region embeddings")
     parser.add_argument("--no_txtnorm", action="store_true", help="do not l2-normalise word embeddings")
-    parser.add_argument("--module_name", default="SGR", choices=["SGR", "SAF", "VSE", "PCME"],
-                        help="SGR, SAF: similarity reasoning on every (image, caption) pair; VSE, PCME: embedding "
-                             "models, one vector (PCME: one Gaussian) per image and caption")
+    parser.add_argument("--module_name", default="SGR", choices=["SGR", "SAF", "VSE", "PCME", "PCMEpp"],
+                        help="SGR, SAF: similarity reasoning on every (image, caption) pair; VSE, PCME, PCMEpp "
+                             "(PCME++): embedding models, one vector (PCME, PCMEpp: one Gaussian) per image and "
+                             "caption")
     parser.add_argument("--sgr_step", default=3, type=int, help="graph reasoning steps of SGR")
-    parser.add_argument("--vse_pool", default="mean", choices=["mean", "max"],
-                        help="VSE only: how regions and words are pooled into one vector")
+    parser.add_argument("--vse_pool", default="mean", choices=["mean", "max", "gpo"],
+                        help="VSE only: how regions and words are pooled into one vector (gpo: VSE∞'s generalized "
+                             "pooling operator)")
     parser.add_argument("--pcme_samples", default=7, type=int,
                         help="PCME only: samples per image and caption in training (scores average K x K pairs)")
     parser.add_argument("--pcme_vib_weight", default=1e-5, type=float,
                         help="PCME only: weight of the KL (VIB) regulariser of the Gaussians to N(0, I)")
+    parser.add_argument("--pcmepp_vib_weight", default=1e-4, type=float,
+                        help="PCMEpp only: weight of the KL (VIB) regulariser, the mean over items and dims")
+    parser.add_argument("--pcmepp_pseudo_weight", default=0.1, type=float,
+                        help="PCMEpp only: weight of the matching loss with pseudo-positives (pairs whose logit is at "
+                             "least the positive's)")
     # DAA
     parser.add_argument("--daa_weight", default=25.0, type=float, help="weight of each DAA term (0 = DAA off)")
     parser.add_argument("--daa_temp", default=0.001, type=float, help="sigmoid temperature tau of the soft ranks")
@@ -106,7 +113,8 @@ def parse_opt(argv=None):
 
 
 # Options that only one module reads: given on a run of another module, they would silently do nothing.
-MODULE_OPTIONS = {"vse_pool": "VSE", "pcme_samples": "PCME", "pcme_vib_weight": "PCME"}
+MODULE_OPTIONS = {"vse_pool": "VSE", "pcme_samples": "PCME", "pcme_vib_weight": "PCME", "pcmepp_vib_weight": "PCMEpp",
+                  "pcmepp_pseudo_weight": "PCMEpp"}
 
 
 def given_options(argv=None):

@@ -1,6 +1,7 @@
-"""PCME's objective (Chun et al. CVPR 2021) + DAA: what train.py minimises for --module_name PCME.
+"""PCME's objective (Chun et al. CVPR 2021) + DAA, and PCME++'s (Chun, ICLR 2024) + DAA: what train.py
+minimises for --module_name PCME and PCMEpp.
 
-    loss = soft contrastive + vib_weight * KL + DAA on S
+PCME:  loss = soft contrastive + vib_weight * KL + DAA on S
 
 Soft contrastive: the negative log-likelihood of the batch's matches under the match probability
 S[i, j] = mean_{k, l} sigmoid(logit[i, j, k, l]) (PCME's Monte-Carlo estimate over K x K sample pairs):
@@ -9,6 +10,19 @@ and counted for i2t and again for t2i as PCME sums its two (identical) direction
 log space (log mean sigmoid = logsumexp logsigmoid - log K^2): at PCME's initial scale the probabilities
 underflow in fp32, their logs do not. KL: sum over the batch's items and dims of KL(N(mu, sigma^2) ||
 N(0, I)), PCME's VIB regulariser. DAA: daa_loss.DAALoss's terms on S, as for every module.
+
+PCME++:  loss = B^2 * (2 BCE(logits, I) + pseudo_weight * [BCE(logits, P_i2t) + BCE(logits, P_t2i)]
+                       + vib_weight * KL) + DAA on -CSD
+
+B^2 times naver-ai/pcmepp's ClosedFormSampledDistanceLoss: logits = -a CSD + b (B, B); BCE the binary
+cross-entropy with logits, averaged over the B x B pairs, its i2t and t2i directions equal (hence 2x);
+P_i2t[i, j] = 1 where logit[i, j] >= logit[i, i] (pseudo-positives of image i, its own caption among
+them), P_t2i[i, j] = 1 where logit[i, j] >= logit[j, j], labels that carry no gradient; KL the mean over
+items and dims, per modality, of the two modalities' KL to N(0, I). The factor B^2 turns PCME++'s means
+over the B x B pairs into sums, as PCME's soft contrastive above (and PCME's code) sums its pairs, so that
+--daa_weight weighs DAA against the matching loss as it does for PCME (README: PCME++'s mean let DAA at
+weight 1 swamp the matching loss); PCME++'s own terms keep their ratios. DAA ranks S = -CSD, the score
+evaluation ranks by (README).
 """
 import math
 
@@ -46,3 +60,36 @@ class PCMELoss(DAALoss):
         daa_i2t, daa_t2i = self.daa_terms(sims, M)
         return {"loss": contrastive + vib + daa_i2t + daa_t2i, "contrastive_loss": contrastive, "vib_loss": vib,
                 "daa_i2t_loss": daa_i2t, "daa_t2i_loss": daa_t2i}
+
+
+def pseudo_positive_matching(logits):
+    """PCME++'s matching loss with pseudo-positives, i2t + t2i, of logits (N, N), own pairs on the diagonal.
+
+    Each direction: BCE(logits, labels) averaged over the N x N pairs, labels 1 where a pair's logit is at
+    least its query's own pair's (image i: logit[i, j] >= logit[i, i]; caption j: logit[i, j] >= logit[j, j]).
+    """
+    own = logits.detach().diagonal()
+    labels = [(logits.detach() >= own[:, None]), (logits.detach() >= own[None, :])]
+    return sum(F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype)) for label in labels)
+
+
+class PCMEppLoss(DAALoss):
+    """forward(PCMEBatch of -CSD (N, N), logits (N, N), KL; M (N, N) or None) -> dict of 0-dim tensors: loss,
+    contrastive_loss (N^2 x PCME++'s matching loss, 2 BCE), pseudo_positive_loss (N^2 x pseudo_weight x its
+    pseudo-positive matching), vib_loss (N^2 x vib_weight x KL), daa_i2t_loss, daa_t2i_loss. Defaults: PCME++'s
+    config (vib_beta 1e-4, smoothness_alpha 0.1). `max_violation` is accepted and ignored, as by PCMELoss."""
+
+    def __init__(self, vib_weight=1e-4, pseudo_weight=0.1, daa_weight=25, daa_temp=0.001, daa_variant="reference"):
+        super().__init__(daa_weight=daa_weight, daa_temp=daa_temp, daa_variant=daa_variant)
+        self.vib_weight, self.pseudo_weight = vib_weight, pseudo_weight
+
+    def forward(self, batch, M=None, max_violation=None):
+        sims, logits, kl = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in batch)
+        pairs = logits.numel()  # PCME++'s means over the B x B pairs, made sums (module docstring)
+        eye = torch.eye(len(logits), dtype=logits.dtype, device=logits.device)
+        matching = pairs * 2 * F.binary_cross_entropy_with_logits(logits, eye)
+        pseudo = pairs * self.pseudo_weight * pseudo_positive_matching(logits)
+        vib = pairs * self.vib_weight * kl
+        daa_i2t, daa_t2i = self.daa_terms(sims, M)
+        return {"loss": matching + pseudo + vib + daa_i2t + daa_t2i, "contrastive_loss": matching,
+                "pseudo_positive_loss": pseudo, "vib_loss": vib, "daa_i2t_loss": daa_i2t, "daa_t2i_loss": daa_t2i}

@@ -1,5 +1,5 @@
-"""Train SGR, SAF or VSE with the VSE++ triplet loss + DAA, or PCME with its soft contrastive loss + DAA,
-on one process or many (torch.distributed).
+"""Train SGR, SAF or VSE with the VSE++ triplet loss + DAA, or PCME with its soft contrastive loss + DAA, or
+PCME++ with its closed-form matching loss + DAA, on one process or many (torch.distributed).
 
     python train.py --data_name f30k_precomp --num_epochs 40 --learning_rate 0.0006 --lr_update 30 \
         --world_size 1 --module_name SGR --daa_weight 10
@@ -35,7 +35,7 @@ from errors import InputError, TrainingDiverged, run
 from fileio import check_output
 from layout import dataset_dir
 from model import SimilarityModel
-from pcme_loss import PCMELoss
+from pcme_loss import PCMELoss, PCMEppLoss
 from vocab import deserialize_vocab
 
 log = logging.getLogger("train")
@@ -75,6 +75,8 @@ def check_options(opt):
         raise InputError("--val_images, --warmup_epochs, --workers and --threads cannot be negative")
     if opt.pcme_samples < 1 or opt.pcme_vib_weight < 0:
         raise InputError("--pcme_samples must be at least 1 and --pcme_vib_weight cannot be negative")
+    if not (opt.pcmepp_vib_weight >= 0 and opt.pcmepp_pseudo_weight >= 0):
+        raise InputError("--pcmepp_vib_weight and --pcmepp_pseudo_weight must be numbers of at least 0")
     check_world_size(opt.world_size, device_type(opt))
     if opt.amp == "fp16" and device_type(opt) != "cuda":
         raise InputError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
@@ -88,9 +90,13 @@ def check_module_options(opt, given):
 
 
 def build_criterion(opt):
-    """The loss of the run's module: PCME's soft contrastive + KL + DAA, else the VSE++ hinge + DAA."""
+    """The loss of the run's module: PCME's soft contrastive + KL + DAA, PCME++'s matching + pseudo-positive
+    matching + KL + DAA, else the VSE++ hinge + DAA."""
     if opt.module_name == "PCME":
         return PCMELoss(opt.pcme_vib_weight, opt.daa_weight, opt.daa_temp, opt.daa_variant)
+    if opt.module_name == "PCMEpp":
+        return PCMEppLoss(opt.pcmepp_vib_weight, opt.pcmepp_pseudo_weight, opt.daa_weight, opt.daa_temp,
+                          opt.daa_variant)
     return DAALoss(opt.margin, opt.max_violation, opt.daa_weight, opt.daa_temp, opt.daa_variant)
 
 
@@ -224,11 +230,11 @@ def compute_losses(model, criterion, images, captions, lengths, relevance, max_v
     """One batch's forward and loss: images (B, 36, D), captions (B, L), lengths (B,), relevance (B, B).
 
     Returns the criterion's dict of 0-dim tensors (loss, contrastive_loss, daa_i2t_loss, daa_t2i_loss; PCME
-    adds vib_loss). The model runs under autocast when `amp_dtype` is given; the loss is computed in fp32
+    adds vib_loss, PCMEpp vib_loss and pseudo_positive_loss). The model runs under autocast when `amp_dtype` is given; the loss is computed in fp32
     regardless.
     """
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        outputs = model(images, captions, lengths)  # (B, B) scores; PCME: a model.PCMEBatch
+        outputs = model(images, captions, lengths)  # (B, B) scores; PCME, PCMEpp: a model.PCMEBatch
     return criterion(outputs, relevance, max_violation=max_violation)
 
 
