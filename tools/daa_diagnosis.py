@@ -1,10 +1,9 @@
 """What drives SGR's collapse under DAA: scores, gradients and the surrogate against the metric, per epoch.
 
-    python -m tools.daa_diagnosis [--out_dir diagnosis_output] [--threads 1]
-    python -m tools.daa_diagnosis --out_dir diagnosis_output --figure assets/daa_diagnosis.png
+    python -m tools.daa_diagnosis [--out_dir diagnosis_output] [--seed 0] [--threads 1] [--figure F.png]
 
 Trains, with the ablation's data and schedule (tools.ablation: run_demo.SIZES / TRAINING["full"], DAA 25,
-seed 0; at one thread each run is the ablation's run of that setting bit for bit), the runs of RUNS: SGR
+--seed; at one thread each run is the ablation's run of that setting bit for bit), the runs of RUNS: SGR
 with `reference` (which collapses), SAF with `reference` (which does not), SGR with `tie_aware`, and SGR with
 DAA off as the control. Then, for the weights at the end of every epoch (checkpoint_{epoch}), on the same
 N_BATCHES training batches (the first of the epoch-0 order, train mode as in training, dropout seeded):
@@ -17,8 +16,8 @@ N_BATCHES training batches (the first of the epoch-0 order, train mode as in tra
 - asp_soft of the run's variant and of tie_aware against the exact ASP of the batch (evaluation.asp, mean of
   the two directions), so the surrogate's agreement with the metric can be followed as the scores move.
 
-Writes {out_dir}/diagnosis.json and, with --figure, the plot. A run whose last checkpoint exists is not
-trained again (the ablation's folder layout: {out_dir}/runs/{setting}_seed0).
+Writes {out_dir}/diagnosis.json, the table {out_dir}/diagnosis.md and, with --figure, the plot. A run whose
+last checkpoint exists is not trained again (the ablation's folder layout: {out_dir}/runs/{setting}_seed{S}).
 """
 import os
 import sys
@@ -40,10 +39,9 @@ from vocab import deserialize_vocab
 # (module, DAA weight, variant): the collapsing run, the healthy one, the fix, the control.
 RUNS = [("SGR", 25, "reference"), ("SAF", 25, "reference"), ("SGR", 25, "tie_aware"), ("SGR", 0, "reference")]
 N_BATCHES = 8
-SEED = 0
 
 
-def train_runs(out_dir, threads):
+def train_runs(out_dir, seed, threads):
     """Train every run of RUNS not yet trained; returns {setting name: run folder}."""
     data_path, vocab_path = os.path.join(out_dir, "data"), os.path.join(out_dir, "vocab")
     run = run_demo.Runner(in_process=True, threads=threads)
@@ -52,11 +50,11 @@ def train_runs(out_dir, threads):
     folders = {}
     for module, weight, variant in RUNS:
         name = ablation.setting_name(module, weight, variant)
-        where = ablation.paths(out_dir, name, SEED)
+        where = ablation.paths(out_dir, name, seed)
         training = dict(run_demo.TRAINING["full"], daa_weight=weight)
         if not os.path.isfile(os.path.join(where["model"], f"checkpoint_{training['num_epochs'] - 1}.pth.tar")):
             run("train.py", run_demo.train_args("full", training, data_path, vocab_path, module, where["model"],
-                                                where["log"], SEED, ["--daa_variant", variant]), f"{name}: train")
+                                                where["log"], seed, ["--daa_variant", variant]), f"{name}: train")
         folders[name] = where["model"]
     return folders
 
@@ -135,6 +133,23 @@ def diagnose(folders, out_dir):
     return report
 
 
+COLUMNS = [("score_std", "score std", ".4f"), ("share_within_tau", "pairs within τ", ".3f"),
+           ("hinge_grad_norm", "‖∇ hinge‖", ".3f"), ("daa_grad_norm", "‖∇ DAA‖", ".3f"), ("grad_cosine", "cos", "+.2f"),
+           ("asp_soft_run_variant", "asp_soft (run's variant)", ".3f"), ("asp_soft_tie_aware", "asp_soft tie_aware", ".3f"),
+           ("asp_exact", "ASP (metric)", ".3f")]
+
+
+def markdown(report):
+    """One table per run: the per-epoch measures."""
+    lines = []
+    for name, epochs in report.items():
+        lines += [f"{name}:", "", "| epoch | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+                  "|---" * (len(COLUMNS) + 1) + "|"]
+        lines += [f"| {m['epoch']} | " + " | ".join(f"{m[key]:{fmt}}" for key, _, fmt in COLUMNS) + " |" for m in epochs]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(report, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -164,6 +179,7 @@ def build_parser():
     p = errors.ArgumentParser(description="Per-epoch scores, gradients and surrogate-vs-metric of the DAA runs "
                                           "whose comparison explains SGR's collapse.")
     p.add_argument("--out_dir", default="diagnosis_output", help="data, runs and diagnosis.json")
+    p.add_argument("--seed", type=int, default=0, help="the runs' seed (the ablation's seeds are 0, 1, 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the ablation's runs bit for bit)")
     p.add_argument("--figure", default=None, help="write the plot here (PNG)")
     return p
@@ -173,10 +189,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     fileio.check_output(args.out_dir, folder=True)
-    report = diagnose(train_runs(args.out_dir, args.threads), args.out_dir)
-    fileio.write_json({"runs": report, "n_batches": N_BATCHES, "seed": SEED,
+    report = diagnose(train_runs(args.out_dir, args.seed, args.threads), args.out_dir)
+    fileio.write_json({"runs": report, "n_batches": N_BATCHES, "seed": args.seed,
                        "training": dict(run_demo.TRAINING["full"], daa_weight=25)},
                       os.path.join(args.out_dir, "diagnosis.json"))
+    fileio.write_text(markdown(report), os.path.join(args.out_dir, "diagnosis.md"))
     if args.figure:
         plot(report, args.figure)
 
