@@ -10,6 +10,7 @@ import pytest
 import checkpoint
 import errors
 import evaluation
+import metrics
 from daa_loss import SemanticRelevance
 from tests.test_evaluation import KEYS, _expect_error, _tiny_checkpoint, assert_scores, brute_ranks, brute_summary
 from tools.baselines.asp_sort import asp_loop
@@ -50,7 +51,7 @@ def test_two_stage_values_against_sorting(seed, levels, k, monkeypatch):
     """Few score levels: ties in the shortlist (which candidates, and the order of the rest) and among the
     candidates' main scores (they must stay ties); k = 40 is the whole gallery of a t2i query and of an
     i2t one. Every value of the metrics against the restatement's loops."""
-    monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", 60)  # several uneven chunks of rows
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 60)  # several uneven chunks of rows
     rng = np.random.default_rng(seed)
     shortlist = rng.integers(0, levels, (8, 40)).astype(np.float32)
     scores = rng.integers(0, levels, (8, 40)).astype(np.float32)

@@ -103,6 +103,7 @@ import errors
 import evaluation
 import fileio
 import np2h
+import scoring
 from tools.baselines.asp_sort import asp_sort
 from tools.baselines.daa_direct import daa_loss_direct
 from tools.baselines.pmrp_dict import pmrp_dict
@@ -638,7 +639,7 @@ def bench_embedding(sizes, device):
         model = SimilarityModel(argparse.Namespace(**vars(model_options(sizes["dims"], sizes["vocab"], module_name)),
                                                    vse_pool="mean", pcme_samples=7)).to(device).eval()
         encode_s, scoring_mb = [], []
-        real_encode = evaluation.encode
+        real_encode = scoring.encode
 
         def timed_encode(*args):
             start = time.perf_counter()
@@ -648,7 +649,7 @@ def bench_embedding(sizes, device):
 
         def project():
             start_mb = _status_mb("VmRSS")  # measure() has just reset the peak mark
-            with mock.patch.object(evaluation, "encode", timed_encode):
+            with mock.patch.object(scoring, "encode", timed_encode):
                 sims = evaluation.compute_sims(model, images, captions, device=device)
             scoring_mb.append(_status_mb("VmHWM") - start_mb)  # the peak of encoding + the matrix
             return evaluation.score_matrix(sims, relevance), pmrp_scores(sims, codes, n_fold=0)
@@ -766,7 +767,8 @@ def pair_rates(sizes, device, module_name, per_image):
     with torch.no_grad():
         img_embs, cap_embs = model.encode_images(images).cpu(), model.encode_captions(captions, lengths).cpu()
     batches = [(0, cap_embs, lengths)]
-    packed = evaluation.pack_captions(batches)
+    with torch.no_grad():  # each item's own work (global vectors), done once per item for all its pairs
+        split = scoring.EncodedSplit(model, img_embs, batches, 1000, device)
     n_full, n_images = sizes["shortlist_block"][1], sizes["shortlist_images"]
     rng = np.random.default_rng(7)
     needed = []
@@ -782,7 +784,7 @@ def pair_rates(sizes, device, module_name, per_image):
             model, img_embs, batches, (0, n_block), (0, n_full), 1000, device), device, once=True)[0])
         for j, mask in enumerate(needed):
             seconds, _, (scores[j],) = measure(lambda: evaluation.similarity_pairs(
-                model, img_embs, packed, [((0, n_images), (0, n_pool))], [mask], 1000, device), device, once=True)
+                split, [((0, n_images), (0, n_pool))], [mask], 1000), device, once=True)
             pairs_s[j].append(seconds)
     reference = evaluation.similarity_block(model, img_embs, batches, (0, n_images), (0, n_pool), 1000, device)
     diff = max_abs_diff([(s[mask], reference[mask]) for s, mask in zip(scores, needed)])
