@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import ann_index
 import checkpoint
 import data
 import distributed
@@ -52,14 +53,15 @@ import vocab as vocab_lib
 from daa_loss import SemanticRelevance
 from errors import InputError
 from layout import CAPTIONS_PER_IMAGE, dataset_dir, fold_bounds
-from metrics import (CHUNK_ELEMENTS, KS, asp, fold_blocks, format_table, i2t, i2t_ranks, mean_of_folds,  # noqa: F401
-                     recall_summary, score_chunks, score_folds, score_matrix, t2i, t2i_ranks)
+# Names other modules and tests have always used as evaluation.X are re-exported (noqa: F401).
+from metrics import (KS, asp, fold_blocks, format_table, i2t, i2t_ranks, mean_of_folds, recall_summary,  # noqa: F401
+                     score_folds, score_matrix, t2i, t2i_ranks)
 from model import SimilarityModel
 from pmrp_com.eccv import eccv_metrics, eccv_scores
 from pmrp_com.pmrp import topk_rankings, topk_rows  # noqa: F401
-from scoring import (PCME_SCORING, PRECISIONS, EncodedSplit, ModelScores, SavedScores, compute_sims,  # noqa: F401
-                     encode, precision, release_freed_memory, resolve_device, score_pairs, shortlist_masks,
-                     similarity_block, similarity_pairs, stream_chunks, two_stage_values, validate, write_streamed)
+from scoring import (PCME_SCORING, PRECISIONS, ModelScores, SavedScores, compute_sims, encode,  # noqa: F401
+                     precision, release_freed_memory, resolve_device, score_pairs, score_streamed, shortlist_masks,
+                     similarity_block, similarity_pairs, two_stage_values, validate, write_streamed)
 
 
 def build_parser():
@@ -101,9 +103,73 @@ def build_parser():
                    help="two-stage retrieval: this checkpoint picks each query's --shortlist_k candidates, which "
                         "--model_path (and --model_path2) score and rank above all others")
     p.add_argument("--shortlist_k", type=int, default=None, help="candidates per query with --shortlist")
+    p.add_argument("--shortlist_index", default="exact", choices=ann_index.KINDS,
+                   help="how --shortlist finds each query's K candidates: exact (the shortlist model's whole rows), "
+                        "or a faiss index of its embeddings (hnsw, ivf; VSE and PCME shortlist models), whose "
+                        "recall of the exact top K the report gives")
     p.add_argument("--world_size", type=int, default=1,
                    help="score the matrix with K processes (one per GPU, or K CPU processes), gathered on rank 0")
+    p.add_argument("--stream", action="store_true",
+                   help="the same report computed chunk of query rows by chunk, never holding the (n_images, "
+                        "n_captions) matrix: memory bounded by chunk x gallery (a model's pairs are scored once "
+                        "per direction unless --save_sims writes them to disk first)")
+    p.add_argument("--max_matrix_gb", type=float, default=None,
+                   help="largest score matrix (GB) evaluated in memory; a larger one is streamed as with --stream "
+                        "(default: the memory available at start divided by the matrices the in-memory path "
+                        "holds: one per model or --sims file, their mean, the relevance)")
     return p
+
+
+def stream_conflicts(args):
+    """The options given that --stream cannot honour, each with why (empty: it can stream)."""
+    conflicts = []
+    if args.save_ranks:
+        conflicts.append("--save_ranks (it ranks the whole matrix in memory)")
+    if args.eccv:
+        conflicts.append("--eccv (the eccv_caption package takes the whole matrix)")
+    if args.shortlist:
+        conflicts.append("--shortlist (it ranks from the shortlist model's whole matrix)")
+    if args.world_size > 1 or distributed.launched_by_torchrun():
+        conflicts.append("--world_size / torchrun (they split a whole matrix between processes)")
+    return conflicts
+
+
+def available_gb():
+    """MemAvailable of /proc/meminfo in GB (2^30 bytes); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) / 2 ** 20 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def decide_streaming(args, model_paths, data_path, data_name):
+    """--max_matrix_gb: stream (set args.stream, and say so) when the matrix the in-memory path would hold
+    is larger, unless an option needs it whole (then say that it stays in memory)."""
+    if args.stream:
+        return
+    n_captions = len(data.used_captions(data.read_captions(data_path, data_name, args.split), args.split))
+    n_images = n_captions // CAPTIONS_PER_IMAGE
+    whole = not args.fold5 or bool(args.save_sims or args.save_ranks or args.eccv)
+    pairs = n_images * n_captions if whole else sum((hi - lo) * 5 * (hi - lo) for lo, hi in fold_bounds(n_images))
+    matrix_gb = 4 * pairs / 2 ** 30
+    limit = args.max_matrix_gb
+    if limit is None:
+        held = max(len(model_paths), len(args.sims)) + (max(len(model_paths), len(args.sims)) > 1) + 1
+        available = available_gb()
+        if available is None:
+            return
+        limit = available / held
+    if matrix_gb <= limit:
+        return
+    conflicts = stream_conflicts(args)
+    if conflicts:
+        print(f"the score matrix ({matrix_gb:.2f} GB) is over --max_matrix_gb {limit:.2f}, but {conflicts[0]}: "
+              f"evaluating in memory")
+        return
+    print(f"streaming: the ({n_images}, {n_captions}) score matrix would take {matrix_gb:.2f} GB, over "
+          f"--max_matrix_gb {limit:.2f}; the metrics are computed chunk of query rows by chunk (as --stream)")
+    args.stream = True
 
 
 def relevance_of_split(data_path, data_name, split):
@@ -256,7 +322,8 @@ def evaluate_spawned(args, argv):
 def check_before_scoring(args, model_paths):
     """What can be checked from the checkpoints' options and the caption files, before a matrix is scored
     (hours for COCO 5K): the dataset folder (with a suggestion for a near-miss name), an ensemble pair (two
-    models of different modules, e.g. SGR + SAF = SGRAF, of one dataset), and the split --eccv needs."""
+    models of different modules, e.g. SGR + SAF = SGRAF, of one dataset), and the split --eccv needs.
+    Returns the data path and name."""
     if model_paths:
         options = [checkpoint.load_checkpoint(path)["opt"] for path in model_paths]
         data_path, data_name = args.data_path or options[0].data_path, options[0].data_name
@@ -272,6 +339,7 @@ def check_before_scoring(args, model_paths):
     dataset_dir(data_path, data_name)
     if args.eccv:
         eccv_metrics(len(data.read_captions(data_path, data_name, args.split)), data_name, args.split)
+    return data_path, data_name
 
 
 def check_shortlist(args, model_paths):
@@ -319,12 +387,25 @@ def main(argv=None):
                              "the two directions from different candidates and scores only those")
         if args.world_size > 1 or distributed.launched_by_torchrun():
             raise InputError("--shortlist runs in one process (--world_size and torchrun split a full matrix)")
+        if args.shortlist_index != "exact":
+            module_name = checkpoint.load_checkpoint(args.shortlist)["opt"].module_name
+            if module_name not in ann_index.INDEXED_MODULES:
+                raise InputError(f"{args.shortlist}: --shortlist_index {args.shortlist_index} searches one embedding "
+                                 f"per item (VSE, PCME); a {module_name} model scores every pair with a network "
+                                 f"(use --shortlist_index exact)")
+    elif args.shortlist_index != "exact":
+        raise InputError("--shortlist_index picks the candidates of --shortlist: give --shortlist CKPT --shortlist_k K")
+    if args.max_matrix_gb is not None and not args.max_matrix_gb > 0:
+        raise InputError(f"--max_matrix_gb must be positive, got {args.max_matrix_gb}")
+    if args.stream and stream_conflicts(args):
+        raise InputError(f"--stream computes the metrics chunk by chunk and cannot give {stream_conflicts(args)[0]}")
     for output in (args.json, args.save_sims, args.save_ranks):
         if output:
             fileio.check_output(output)
-    check_before_scoring(args, model_paths)
+    data_path, data_name = check_before_scoring(args, model_paths)
     if args.shortlist:
         check_shortlist(args, model_paths)
+    decide_streaming(args, model_paths, data_path, data_name)
     threads = torch.get_num_threads()  # --threads is this evaluation's: an in-process caller keeps its own
     try:
         if distributed.launched_by_torchrun():
@@ -345,41 +426,51 @@ def main(argv=None):
 def evaluate(args, argv):
     """Everything main does once the processes are set up; ranks other than 0 return None."""
     model_paths = args.model_path + ([args.model_path2] if args.model_path2 else [])
-    relevance, t2i_sims, t2i_blocks, shortlist = None, None, None, None
-    if args.shortlist:
-        i2t_values, t2i_values, opts_used, data_path, dataset, shortlist = two_stage(args, model_paths)
-        data_name, relevance = opts_used[0].data_name, dataset.relevance
-        if args.fold5:
-            sims, blocks, t2i_blocks = None, i2t_values, t2i_values
-        else:
-            (sims,), (t2i_sims,), blocks = i2t_values, t2i_values, None
-    elif args.sims:
-        relevance, caps_path = relevance_of_split(args.data_path, args.data_name, args.split)
-        sims = fileio.load_sims(args.sims, relevance.n_captions, caps_path)
-        data_path, data_name, opts_used, blocks = args.data_path, args.data_name, None, None
+    relevance, t2i_sims, t2i_blocks, shortlist, sims = None, None, None, None, None
+    if args.stream:
+        folds, whole, opts_used, data_path, data_name, relevance = evaluate_streamed(args, model_paths)
     else:
-        # --fold5 alone scores only the five diagonal blocks; the rest of the matrix is never needed.
-        whole = not args.fold5 or bool(args.save_sims or args.save_ranks or args.eccv)
-        results, opts_used = [], []
-        for path in model_paths:
-            out, opt, data_path, dataset = model_sims(args, path, whole)
-            results.append(out)
-            opts_used.append(opt)
-        if distributed.rank_and_world()[0] != 0:
-            return None
-        data_name = opts_used[0].data_name
-        relevance = dataset.relevance
-        if whole:
-            sims = results[0] if len(results) == 1 else sum(results) / len(results)
-            blocks = None
+        if args.shortlist:
+            i2t_values, t2i_values, opts_used, data_path, dataset, shortlist = two_stage(args, model_paths)
+            data_name, relevance = opts_used[0].data_name, dataset.relevance
+            if args.fold5:
+                sims, blocks, t2i_blocks = None, i2t_values, t2i_values
+            else:
+                (sims,), (t2i_sims,), blocks = i2t_values, t2i_values, None
+        elif args.sims:
+            relevance, caps_path = relevance_of_split(args.data_path, args.data_name, args.split)
+            sims = fileio.load_sims(args.sims, relevance.n_captions, caps_path)
+            data_path, data_name, opts_used, blocks = args.data_path, args.data_name, None, None
         else:
-            sims = None
-            blocks = [sum(b) / len(b) for b in zip(*results)]
-    if args.save_sims:
-        fileio.save_npy(sims, args.save_sims)
-        print(f"saved the {sims.shape} similarity matrix to {args.save_sims}")
-    if args.save_ranks:
-        save_ranks(sims, args.topk, args.save_ranks)
+            # --fold5 alone scores only the five diagonal blocks; the rest of the matrix is never needed.
+            whole = not args.fold5 or bool(args.save_sims or args.save_ranks or args.eccv)
+            results, opts_used = [], []
+            for path in model_paths:
+                out, opt, data_path, dataset = model_sims(args, path, whole)
+                results.append(out)
+                opts_used.append(opt)
+            if distributed.rank_and_world()[0] != 0:
+                return None
+            data_name = opts_used[0].data_name
+            relevance = dataset.relevance
+            if whole:
+                sims = results[0] if len(results) == 1 else sum(results) / len(results)
+                blocks = None
+            else:
+                sims = None
+                blocks = [sum(b) / len(b) for b in zip(*results)]
+        if args.save_sims:
+            fileio.save_npy(sims, args.save_sims)
+            print(f"saved the {sims.shape} similarity matrix to {args.save_sims}")
+        if args.save_ranks:
+            save_ranks(sims, args.topk, args.save_ranks)
+        folds = whole = None
+        if args.fold5:
+            sems_blocks = [relevance.block(np.arange(lo, hi), np.arange(5 * lo, 5 * hi))
+                           for lo, hi in fold_bounds(relevance.n_images)]
+            folds = score_folds(fold_blocks(sims) if blocks is None else blocks, sems_blocks, t2i_blocks)
+        if sims is not None:
+            whole = score_matrix(sims, relevance.matrix(), t2i_sims)
 
     n_images = relevance.n_images
     report = {"split": args.split, "fold5": bool(args.fold5), "n_images": n_images,
@@ -387,16 +478,15 @@ def evaluate(args, argv):
     if any(o.module_name == "PCME" for o in opts_used or ()):
         report["pcme_scoring"] = PCME_SCORING
     if args.fold5:
-        sems_blocks = [relevance.block(np.arange(lo, hi), np.arange(5 * lo, 5 * hi)) for lo, hi in fold_bounds(n_images)]
-        report.update(score_folds(fold_blocks(sims) if blocks is None else blocks, sems_blocks, t2i_blocks))
+        report.update(folds)
         for f, s in enumerate(report["folds"]):
             print(format_table(s, f"{data_name} {args.split} fold {f}"))
         print(format_table(report, f"{data_name} {args.split}: mean of 5 folds (1K)"))
-        if sims is not None:
-            report["all"] = score_matrix(sims, relevance.matrix())
+        if whole is not None:
+            report["all"] = whole
             print(format_table(report["all"], f"{data_name} {args.split}: all {n_images} images"))
     else:
-        report.update(score_matrix(sims, relevance.matrix(), t2i_sims))
+        report.update(whole)
         print(format_table(report, f"{data_name} {args.split}: {n_images} images"))
     if shortlist:
         report["shortlist"] = shortlist
@@ -409,6 +499,46 @@ def evaluate(args, argv):
             opt=[vars(o) for o in opts_used] if opts_used else None, data_path=data_path, data_name=data_name)
         fileio.write_json(report, args.json)
     return report
+
+
+def evaluate_streamed(args, model_paths):
+    """--stream: the fold scores (metrics.mean_of_folds' dict, with --fold5) and the whole split's
+    (score_matrix's dict; with --fold5 only for --sims or --save_sims, where in memory the matrix is whole), computed
+    chunk of query rows by chunk (scoring.score_streamed), and opts_used, data_path, data_name, relevance.
+
+    Each model is encoded once and its chunks scored as they are needed; with --save_sims every score is
+    first written to the .npy (a memory map, chunk by chunk, renamed into place when complete) and the
+    metrics then read the saved file, so no pair is scored twice.
+    """
+    if args.sims:
+        relevance, caps_path = relevance_of_split(args.data_path, args.data_name, args.split)
+        scores = SavedScores(args.sims, relevance.n_captions, caps_path)
+        data_path, data_name, opts_used = args.data_path, args.data_name, None
+    else:
+        encoded, opts_used = [], []
+        for path in model_paths:
+            model, opt, data_path, image_loader, caption_loader, dataset, device = load_for_scoring(args, path)
+            model.to(device).eval()
+            with precision(args.precision, device):
+                img_embs, captions = encode(model, image_loader, caption_loader, device)
+            release_freed_memory()
+            encoded.append((model, img_embs, captions, device))
+            opts_used.append(opt)
+        scores = ModelScores(encoded, args.shard_size, args.precision)
+        data_name, relevance = opts_used[0].data_name, dataset.relevance
+    n_images, n_captions = scores.shape
+    whole_range = ((0, n_images), (0, n_captions))
+    if args.save_sims:
+        with fileio.open_npy_for_writing(args.save_sims, scores.shape, scores.dtype) as out:
+            write_streamed(scores, out)
+        print(f"saved the {scores.shape} similarity matrix to {args.save_sims}")
+        scores = SavedScores([args.save_sims])
+    folds = whole = None
+    if args.fold5:
+        folds = mean_of_folds([score_streamed(scores, relevance, *block) for block in fold_ranges(n_images)])
+    if not args.fold5 or args.save_sims or args.sims:  # in memory a whole matrix is scored "all" with the folds
+        whole = score_streamed(scores, relevance, *whole_range)
+    return folds, whole, opts_used, data_path, data_name, relevance
 
 
 if __name__ == "__main__":

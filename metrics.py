@@ -54,12 +54,18 @@ def _check_gallery(n_queries, first, n_gallery, per_query):
                          f"(expected an (n_images, 5 n_images) matrix)")
 
 
-def i2t_ranks(sims, first=0):
-    """0-based rank of image queries first..first+b-1: int64 (b,), best of its 5 captions, distractor ties
-    against it. sims (b, n_cap): their rows of S (default: the whole (n, 5n) matrix)."""
-    n_img, n_cap = sims.shape
-    if first == 0 and n_cap != 5 * n_img:
+def _whole_or_part(sims, first):
+    """first None: `sims` must be a whole (n, 5n) matrix, whose queries start at 0."""
+    if first is None and sims.shape[1] != 5 * sims.shape[0]:
         raise ValueError(f"expected an (n_images, 5 n_images) matrix, got {sims.shape}")
+    return first or 0
+
+
+def i2t_ranks(sims, first=None):
+    """0-based rank of image queries first..first+b-1: int64 (b,), best of its 5 captions, distractor ties
+    against it. sims (b, n_cap): their rows of S; first None: sims is the whole (n, 5n) matrix."""
+    n_img, n_cap = sims.shape
+    first = _whole_or_part(sims, first)
     _check_gallery(n_img, first, n_cap, 5)
     ranks = np.empty(n_img, dtype=np.int64)
     for rows in _chunks(n_img, n_cap):
@@ -72,13 +78,12 @@ def i2t_ranks(sims, first=0):
     return ranks
 
 
-def t2i_ranks(sims, first=0):
+def t2i_ranks(sims, first=None):
     """0-based rank of caption queries first..first+b-1: int64 (b,), position of image j // 5, ties against
-    it. sims (n_img, b): their columns of S (default: the whole (n, 5n) matrix); a transposed view of
-    S^T rows is fine."""
+    it. sims (n_img, b): their columns of S (a transposed view of S^T rows is fine); first None: sims is
+    the whole (n, 5n) matrix."""
     n_img, n_cap = sims.shape
-    if first == 0 and n_cap != 5 * n_img:
-        raise ValueError(f"expected an (n_images, 5 n_images) matrix, got {sims.shape}")
+    first = _whole_or_part(sims, first)
     _check_gallery(n_cap, first, n_img, 1)
     ranks = np.empty(n_cap, dtype=np.int64)
     for cols in _chunks(n_cap, n_img):
@@ -175,13 +180,13 @@ def asp(sims, sems):
 
 def i2t_part(rows, first, sems=None):
     """Image queries first..first+b-1: their 0-based ranks (b,) and ASP sum (None without sems).
-    rows (b, n_cap): their rows of S; sems: the same rows of M."""
+    rows (b, n_cap): their rows of S (first None: the whole (n, 5n) S); sems: the same rows of M."""
     return i2t_ranks(rows, first), None if sems is None else asp_sum(rows, sems)
 
 
 def t2i_part(rows, first, sems=None):
     """Caption queries first..first+b-1: their 0-based ranks (b,) and ASP sum (None without sems).
-    rows (b, n_img): their rows of S^T (columns of S); sems: the same rows of M^T."""
+    rows (b, n_img): their rows of S^T (columns of S; first None: the whole S^T); sems: the same rows of M^T."""
     return t2i_ranks(rows.T, first), None if sems is None else asp_sum(rows, sems)
 
 
@@ -193,12 +198,12 @@ def summary(ranks, asp_total, n_gallery):
 
 def i2t(sims, sems=None):
     """Image-to-text (r1, r5, r10, medr, meanr, asp) of an (n, 5n) matrix; asp None without sems."""
-    return summary(*i2t_part(sims, 0, sems), sims.shape[1])
+    return summary(*i2t_part(sims, None, sems), sims.shape[1])
 
 
 def t2i(sims, sems=None):
     """Text-to-image (r1, r5, r10, medr, meanr, asp) of an (n, 5n) matrix; asp None without sems."""
-    return summary(*t2i_part(sims.T, 0, None if sems is None else sems.T), sims.shape[0])
+    return summary(*t2i_part(sims.T, None, None if sems is None else sems.T), sims.shape[0])
 
 
 def _direction(values):
@@ -220,7 +225,8 @@ def score_chunks(i2t_chunks, t2i_chunks, n_images, n_captions):
                                                       ("t2i", t2i_chunks, t2i_part, n_captions, n_images)):
         ranks, total, seen = np.empty(n_queries, dtype=np.int64), 0.0, 0
         for first, rows, sems in chunks:
-            ranks[first:first + len(rows)], part_sum = part(rows, first, sems)
+            start = first or 0  # None: one chunk of every query (checked to be a whole (n, 5n) matrix)
+            ranks[start:start + len(rows)], part_sum = part(rows, first, sems)
             total = None if part_sum is None else total + part_sum
             seen += len(rows)
         if seen != n_queries:
@@ -238,7 +244,7 @@ def score_matrix(sims, sems=None, t2i_sims=None):
     retrieval ranks the two directions from different candidates).
     """
     t2i_sims = sims if t2i_sims is None else t2i_sims
-    return score_chunks([(0, sims, sems)], [(0, t2i_sims.T, None if sems is None else sems.T)], *sims.shape)
+    return score_chunks([(None, sims, sems)], [(None, t2i_sims.T, None if sems is None else sems.T)], *sims.shape)
 
 
 def fold_blocks(matrix):

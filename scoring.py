@@ -23,7 +23,7 @@ from tqdm import tqdm
 import distributed
 import fileio
 from errors import InputError
-from metrics import _chunks, _twice_ranks, score_matrix
+from metrics import _chunks, _twice_ranks, score_chunks, score_matrix
 from pmrp_com.pmrp import topk_rows
 
 # How a PCME checkpoint's matrix is scored (model.PCMEHead in eval mode), told in the JSON of its evaluations.
@@ -254,6 +254,20 @@ def stream_chunks(scores, relevance, images, caps, direction):
             d = min(c + step, c1)
             sems = None if relevance is None else relevance.block(np.arange(i0, i1), np.arange(c, d)).T
             yield c - c0, scores.block(images, (c, d)).T, sems
+
+
+def score_streamed(scores, relevance, images, caps):
+    """metrics.score_chunks of the block images (i0, i1) x captions (c0, c1) of `scores`, from
+    stream_chunks in both directions: never more than one chunk of scores and relevance in memory."""
+    (i0, i1), (c0, c1) = images, caps
+
+    def chunks(direction, n_queries):
+        with tqdm(total=n_queries, desc=f"{direction} queries (streamed)", unit="query", disable=None) as bar:
+            for chunk in stream_chunks(scores, relevance, images, caps, direction):
+                yield chunk
+                bar.update(len(chunk[1]))
+
+    return score_chunks(chunks("i2t", i1 - i0), chunks("t2i", c1 - c0), i1 - i0, c1 - c0)
 
 
 def write_streamed(scores, out):
