@@ -227,19 +227,21 @@ def fold_ranges(n_images):
 
 
 def two_stage(args, model_paths):
-    """--shortlist: the shortlist model's matrix (or fold blocks), each query's top --shortlist_k
-    candidates in it, the main models' scores of those pairs (an SGRAF pair averaged as plain evaluation
-    does) and the two rankings as two_stage_values.
+    """--shortlist: the shortlist model's matrix (or fold blocks), each query's --shortlist_k candidates
+    (its top K in it, or an ANN index's, see shortlist_candidates), the main models' scores of those pairs
+    (an SGRAF pair averaged as plain evaluation does) and the two rankings as two_stage_values.
 
     Returns (i2t values, t2i values: one (n_img, n_cap) matrix each, or 5 fold blocks with --fold5; the
     t2i ones are transposed views), the main models' opts, data_path, dataset, the "shortlist" report.
     """
     started = time.perf_counter()
-    shortlist, shortlist_opt, _, dataset = model_sims(args, args.shortlist, whole=not args.fold5)
-    shortlist = shortlist if args.fold5 else [shortlist]
-    shortlist_seconds = time.perf_counter() - started
+    model, shortlist_opt, _, image_loader, caption_loader, dataset, device = load_for_scoring(args, args.shortlist)
     ranges = fold_ranges(dataset.n_images) if args.fold5 else [((0, dataset.n_images), (0, dataset.n_captions))]
-    masks = [shortlist_masks(block, args.shortlist_k) for block in shortlist]
+    shortlist, img_embs, captions = compute_sims(model, image_loader, caption_loader, args.shard_size, device,
+                                                 ranges, args.precision, keep_encoded=True)
+    masks, index_report = shortlist_candidates(args, shortlist_opt.module_name, shortlist, ranges, img_embs, captions)
+    del model, img_embs, captions
+    shortlist_seconds = time.perf_counter() - started
     needed = [i2t_mask | t2i_mask for i2t_mask, t2i_mask in masks]
     started = time.perf_counter()
     results, opts_used = [], []
@@ -254,6 +256,8 @@ def two_stage(args, model_paths):
               "pairs_scored": int(sum(m.sum() for m in needed)),
               "pairs_total": int(sum((i1 - i0) * (c1 - c0) for (i0, i1), (c0, c1) in ranges)),
               "shortlist_seconds": shortlist_seconds, "scoring_seconds": time.perf_counter() - started}
+    if index_report:
+        report["index"] = index_report
     print(f"shortlist {args.shortlist} ({shortlist_opt.module_name}): top {args.shortlist_k} per query, "
           f"{report['pairs_scored']:,} of {report['pairs_total']:,} pairs scored by each of {len(model_paths)} "
           f"model(s); shortlist {shortlist_seconds:.1f} s, scoring {report['scoring_seconds']:.1f} s")
@@ -261,6 +265,36 @@ def two_stage(args, model_paths):
     t2i_values = [two_stage_values(block.T, s.T, t2i_mask.T).T
                   for block, s, (_, t2i_mask) in zip(shortlist, scores, masks)]
     return i2t_values, t2i_values, opts_used, data_path, dataset, report
+
+
+def shortlist_candidates(args, module_name, shortlist, ranges, img_embs, captions):
+    """Each block's (i2t, t2i) candidate masks (scoring.shortlist_masks) and, for --shortlist_index hnsw|ivf,
+    the "index" report: its recall of the exact top K (ties by lower index) per direction, the seconds of
+    building and searching its indexes, and of the exact top K from the matrix (None for exact).
+
+    shortlist: the shortlist model's blocks of `ranges`; img_embs, captions: its encodings (one row per
+    item: ann_index.search_vectors)."""
+    k, kind = args.shortlist_k, args.shortlist_index
+    if kind == "exact":
+        return [shortlist_masks(block, k) for block in shortlist], None
+    started = time.perf_counter()
+    exact = [(topk_rows(block, k), topk_rows(block.T, k)) for block in shortlist]
+    exact_seconds = time.perf_counter() - started
+    (img_queries, cap_gallery), (cap_queries, img_gallery) = ann_index.search_vectors(
+        module_name, img_embs.numpy(), captions[0][1].numpy())
+    masks, hits, seconds, threads = [], {"i2t": [], "t2i": []}, 0.0, torch.get_num_threads()
+    for block, ((i0, i1), (c0, c1)), (i2t_exact, t2i_exact) in zip(shortlist, ranges, exact):
+        i2t_ids, i2t_s = ann_index.top_k(kind, img_queries[i0:i1], cap_gallery[c0:c1], k, threads)
+        t2i_ids, t2i_s = ann_index.top_k(kind, cap_queries[c0:c1], img_gallery[i0:i1], k, threads)
+        seconds += i2t_s + t2i_s
+        masks.append(shortlist_masks(block, k, (i2t_ids, t2i_ids)))
+        hits["i2t"].append((ann_index.recall(i2t_ids, i2t_exact), i2t_exact.size))
+        hits["t2i"].append((ann_index.recall(t2i_ids, t2i_exact), t2i_exact.size))
+    recall = {d: sum(r * n for r, n in v) / sum(n for _, n in v) for d, v in hits.items()}
+    print(f"--shortlist_index {kind}: recall of the exact top {k} i2t {recall['i2t']:.4f}, t2i {recall['t2i']:.4f}; "
+          f"index {seconds:.2f} s, exact top {k} from the matrix {exact_seconds:.2f} s")
+    return masks, {"kind": kind, "i2t_recall": recall["i2t"], "t2i_recall": recall["t2i"], "seconds": seconds,
+                   "exact_seconds": exact_seconds}
 
 
 def save_ranks(sims, k, path):

@@ -147,7 +147,7 @@ def release_freed_memory():
 
 
 def compute_sims(model, image_loader, caption_loader, shard_size=1000, device=None, blocks=None,
-                 precision_name="fp32"):
+                 precision_name="fp32", keep_encoded=False):
     """The (n_img, n_cap) similarity matrix of a model, float32, in shards of images x captions.
 
     Images and captions are encoded once; each shard of `shard_size` images x `shard_size` captions is
@@ -155,6 +155,7 @@ def compute_sims(model, image_loader, caption_loader, shard_size=1000, device=No
     ((i0, i1), (c0, c1)) ranges), only those blocks are scored and a list of matrices is returned.
     Inside an initialised torch.distributed group the shards are dealt out round robin and summed on
     rank 0 (every other entry of a process's matrix is 0): rank 0 returns the result, other ranks None.
+    keep_encoded (one process): (the result, img_embs, captions), the encodings `encode` gave.
     """
     device = resolve_device(device)
     rank, world = distributed.rank_and_world()
@@ -176,7 +177,8 @@ def compute_sims(model, image_loader, caption_loader, shard_size=1000, device=No
             out[k] = summed.cpu().numpy()
         if rank != 0:
             return None
-    return out if blocks is not None else out[0]
+    out = out if blocks is not None else out[0]
+    return (out, img_embs, captions) if keep_encoded else out
 
 
 def validate(model, image_loader, caption_loader, relevance, device=None, shard_size=1000, precision_name="fp32"):
