@@ -31,6 +31,7 @@ PCME_SCORING = "means: sigmoid(-a ||mu_image - mu_caption||_2 + b)"
 # Bytes of one chunk of scores in streamed evaluation (rounded to whole shards, at least one): with its
 # relevance rows and the ranking buffers the streamed peak is a few times this, whatever the gallery.
 STREAM_CHUNK_BYTES = 256 * 2 ** 20
+RELEVANCE_PIECE = 1 << 22  # entries of one sparse product of relevance rows (see relevance_block)
 
 # ------------------------------------------------------------------------------------------------
 # Similarities from a model
@@ -248,14 +249,26 @@ def stream_chunks(scores, relevance, images, caps, direction):
         step = chunk_rows(c1 - c0, scores.align)
         for a in range(i0, i1, step):
             b = min(a + step, i1)
-            sems = None if relevance is None else relevance.block(np.arange(a, b), np.arange(c0, c1))
+            sems = None if relevance is None else relevance_block(relevance, (a, b), caps)
             yield a - i0, scores.block((a, b), caps), sems
     else:
         step = chunk_rows(i1 - i0, scores.align)
         for c in range(c0, c1, step):
             d = min(c + step, c1)
-            sems = None if relevance is None else relevance.block(np.arange(i0, i1), np.arange(c, d)).T
+            sems = None if relevance is None else relevance_block(relevance, images, (c, d)).T
             yield c - c0, scores.block(images, (c, d)).T, sems
+
+
+def relevance_block(relevance, images, caps):
+    """Dense float32 relevance of images (i0, i1) x captions (c0, c1), computed RELEVANCE_PIECE entries of
+    image rows at a time: the sparse product of a whole chunk would hold up to three times the dense
+    block. Each entry is the sparse dot product of its image row and caption row, as in the whole matrix."""
+    (i0, i1), (c0, c1) = images, caps
+    out = np.empty((i1 - i0, c1 - c0), dtype=np.float32)
+    step = max(1, RELEVANCE_PIECE // max(1, c1 - c0))
+    for a in range(i0, i1, step):
+        out[a - i0:min(a + step, i1) - i0] = relevance.block(np.arange(a, min(a + step, i1)), np.arange(c0, c1))
+    return out
 
 
 def score_streamed(scores, relevance, images, caps):

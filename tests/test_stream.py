@@ -21,8 +21,10 @@ def models(synth, tmp_path_factory):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of one shard of rows (the least a chunk holds), many in every direction and fold."""
+    """Chunks of one shard of rows (the least a chunk holds), many in every direction and fold; their relevance
+    rows computed a few at a time."""
     monkeypatch.setattr(scoring, "STREAM_CHUNK_BYTES", 1)
+    monkeypatch.setattr(scoring, "RELEVANCE_PIECE", 100)  # relevance rows in pieces of a few rows
 
 
 def _run(argv, out):

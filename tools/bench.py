@@ -116,6 +116,8 @@ from model import SimilarityModel
 from pmrp_com.pmrp import pmrp_scores
 
 CASES = ("similarity", "train", "daa", "asp", "pmrp", "tfidf", "embedding", "np2h", "shortlist")
+EXTRA_CASES = ("large_gallery",)  # run only when named in --cases (the full size runs for many minutes)
+LARGE_GALLERY_IMAGES = 25000  # 5x COCO 5K each way: 25,000 images x 125,000 captions
 REPEAT_UNDER_S = 1.0  # runs shorter than this are repeated (best of MAX_RUNS)
 MAX_RUNS = 3  # 1 with --quick, a smoke run
 COCO_TRAIN_IMAGES = 113287  # (113,287, 36, 2048) float32 = 31.1 GB (MB and GB here are 2^20 and 2^30 bytes)
@@ -672,6 +674,118 @@ def bench_embedding(sizes, device):
     return rows
 
 
+class _Timed:
+    """`target` with its method `name` timed into timers[key] (seconds, summed over calls)."""
+
+    def __init__(self, target, name, timers, key):
+        self.target, self.name, self.timers, self.key = target, name, timers, key
+
+    def __getattr__(self, attr):
+        method = getattr(self.target, attr)
+        if attr != self.name:
+            return method
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = method(*args, **kwargs)
+            self.timers[self.key] += time.perf_counter() - start
+            return out
+        return timed
+
+
+def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
+    """VSE on n_i random images x 5 n_i captions (full dims, random weights), every item encoded once, then
+    R@K, medr, meanr and ASP against the captions' sparse TF-IDF relevance, streamed
+    (scoring.score_streamed) or, with in_memory, as evaluation.py without --stream (the whole matrix and
+    the dense relevance). Returns (seconds, peak MB, report, timers: encoding / products / relevance rows /
+    ranking seconds, encoder GFLOP)."""
+    n_c = 5 * n_i
+    images, captions = RandomBatches(n_i, sizes, False, seed=1), RandomBatches(n_c, sizes, True, seed=2)
+    caption_words = sum(int(batch[1].sum()) for batch in captions)
+    relevance = SemanticRelevance(synthetic_captions(n_c, seed=3))  # set up beforehand: the TF-IDF fit is not timed
+    torch.manual_seed(0)
+    model = SimilarityModel(argparse.Namespace(**vars(model_options(sizes["dims"], sizes["vocab"], "VSE")),
+                                               vse_pool="mean", pcme_samples=7)).to(device).eval()
+    timers = dict.fromkeys(("encoding", "products", "relevance rows", "ranking"), 0.0)
+
+    def project():
+        for key in timers:
+            timers[key] = 0.0
+        start = time.perf_counter()
+        img_embs, caps = scoring.encode(model, images, captions, device)
+        timers["encoding"] = time.perf_counter() - start
+        scores = scoring.ModelScores([(model, img_embs, caps, device)], shard_size)
+        if in_memory:
+            start = time.perf_counter()
+            sims = scores.block((0, n_i), (0, n_c))
+            timers["products"] = time.perf_counter() - start
+            start = time.perf_counter()
+            sems = relevance.matrix()
+            timers["relevance rows"] = time.perf_counter() - start
+            start = time.perf_counter()
+            report = evaluation.score_matrix(sims, sems)
+            timers["ranking"] = time.perf_counter() - start
+            return report
+        timed_scores = _Timed(scores, "block", timers, "products")
+        timed_relevance = _Timed(relevance, "block", timers, "relevance rows")
+        start = time.perf_counter()
+        report = scoring.score_streamed(timed_scores, timed_relevance, (0, n_i), (0, n_c))
+        timers["ranking"] = time.perf_counter() - start - timers["products"] - timers["relevance rows"]
+        return report
+
+    total_s, peak_mb, report = measure(project, device, once=True)
+    return total_s, peak_mb, report, dict(timers), encoder_flops(sizes, n_i, caption_words) / 1e9
+
+
+def bench_large_gallery(sizes, device, n_images, sgemm):
+    """Streamed evaluation (evaluation.py --stream) of an embedding model on n_images x 5 n_images, and on a fifth
+    of that, where the in-memory path is measured too (its metrics against the streamed ones: the diff
+    column). Time split: encoding, score products (each pair once per direction), relevance rows (sparse
+    TF-IDF products), ranking (R@K ranks and ASP's sorts); growth from the small to the large size."""
+    shard = 256  # chunks of 512 rows: 256 MB of scores per chunk at 125,000 captions
+    dims = "/".join(map(str, sizes["dims"][:3]))
+    small, large = max(5, n_images // 5), n_images
+    measured = {}
+    for n in (small, large):
+        measured[n] = large_gallery_run(sizes, device, n, shard)
+    base_s, base_mb, base_report, base_timers, _ = large_gallery_run(sizes, device, small, shard, in_memory=True)
+    diff = max(abs(measured[small][2][d][k] - base_report[d][k]) for d in ("i2t", "t2i")
+               for k in ("r1", "r5", "r10", "medr", "meanr", "asp"))
+    rows = []
+    (s_s, s_mb), (l_s, l_mb) = ((measured[n][0], measured[n][1]) for n in (small, large))
+    time_power = extrapolate((small, large), (s_s, l_s), large)[1]
+    mem_power = extrapolate((small, large), (max(s_mb, 1e-3), max(l_mb, 1e-3)), large)[1]
+    for n in (small, large):
+        total_s, peak_mb, report, timers, encoder_gflop = measured[n]
+        n_c = 5 * n
+        product_gflop = 2 * 2 * n * n_c * sizes["dims"][2] / 1e9  # each pair once per direction
+        matrix_mb = n * n_c * 4 / 2 ** 20
+        if n == small:
+            base = (base_s, base_mb)
+            base_note = (f"baseline: in memory (the whole matrix, {matrix_mb:,.0f} MB, and the dense relevance; "
+                         f"products {base_timers['products']:.1f} s, relevance {base_timers['relevance rows']:.1f} s, "
+                         f"ranking {base_timers['ranking']:.1f} s); diff: largest metric difference")
+        else:
+            # encoding grows as n, the rest as the pairs (n^2); memory: the whole matrix and the dense relevance
+            base = (base_timers["encoding"] * n / small + (base_s - base_timers["encoding"]) * (n / small) ** 2,
+                    base_mb + 2 * 4 * 5 * (n * n - small * small) / 2 ** 20)
+            base_note = ("baseline: in memory, extrapolated from the small size (encoding x n, the rest x n^2; memory "
+                         "+ the larger matrix and dense relevance)")
+        rows.append(row(f"large gallery VSE, streamed", f"{n:,} images x {n_c:,} captions, dims {dims}", base,
+                        (total_s, peak_mb), diff if n == small else None, extrapolated=n != small,
+                        mem=_torch_mem(device), flops=(product_gflop + encoder_gflop) * 1e9, timers=timers,
+                        note=f"encoding {timers['encoding']:.1f} s ({encoder_gflop / max(timers['encoding'], 1e-9):.0f} "
+                             f"GFLOP/s), products {timers['products']:.1f} s ({product_gflop:,.0f} GFLOP, "
+                             f"{product_gflop / max(timers['products'], 1e-9):.0f} GFLOP/s"
+                             + (f", {100 * product_gflop / max(timers['products'], 1e-9) / sgemm:.0f} % of sgemm"
+                                if sgemm else "") + f"), relevance rows {timers['relevance rows']:.1f} s, ranking "
+                             f"{timers['ranking']:.1f} s; PMRP not streamed yet; peak {peak_mb:,.0f} MB against "
+                             f"{matrix_mb:,.0f} MB for the matrix alone; growth {small:,} -> {large:,} images: time "
+                             f"x n^{time_power:.2f}, memory x n^{mem_power:.2f}; R@1 i2t {report['i2t']['r1']:.2f}; "
+                             f"{base_note}"))
+    return rows
+
+
 def bench_tfidf(sizes):
     """Semantic relevance of n captions: dense (subsets, extrapolated) vs sparse (full size)."""
     n = sizes["tfidf"]
@@ -940,7 +1054,13 @@ def targets(rows, sizes, sgemm=None):
                     "yes" if asp["proj_s"] < 20 and speed >= 1 and asp["proj_mb"] < matrix_mb else "no"))
     for r in rows:
         achieved = roofline(r, sgemm)
-        if r["case"].startswith("embedding"):
+        if r["case"].startswith("large gallery") and not r["extrapolated"]:
+            continue  # the small size: the in-memory comparison, not the target's
+        if r["case"].startswith("large gallery"):
+            out.append((f"{r['case']}: {r['size'].split(', dims')[0]}, every metric exact, < 20 min and < 2 GB peak",
+                        f"{r['proj_s'] / 60:.1f} min, {r['proj_mb'] / 1024:.2f} GB",
+                        "yes" if r["proj_s"] < 1200 and r["proj_mb"] < 2048 else "no"))
+        elif r["case"].startswith("embedding"):
             matrices_mb = 2 * 5 * sizes["emb_images"] ** 2 * 4 / 2 ** 20
             out.append((f"{r['case']}: {r['size'].split(',')[0]} scored, encoding included, with R@K, ASP and PMRP "
                         f"in < 120 s; encoding + scoring below two score matrices of memory",
@@ -976,9 +1096,10 @@ def run_cases(args, sizes, device):
                "train": lambda: bench_train(sizes, device), "daa": lambda: bench_daa(sizes, device),
                "asp": lambda: bench_asp(sizes), "pmrp": lambda: bench_pmrp(sizes, args.tmp_dir),
                "tfidf": lambda: bench_tfidf(sizes), "embedding": lambda: bench_embedding(sizes, device),
-               "np2h": lambda: bench_np2h(sizes, args.tmp_dir), "shortlist": lambda: bench_shortlist(sizes, device, quality)}
+               "np2h": lambda: bench_np2h(sizes, args.tmp_dir), "shortlist": lambda: bench_shortlist(sizes, device, quality),
+               "large_gallery": lambda: bench_large_gallery(sizes, device, args.large_images, sgemm_rate(device))}
     rows = []
-    for case in CASES:
+    for case in CASES + EXTRA_CASES:
         if case in args.cases:
             start = time.perf_counter()
             rows += runners[case]()
@@ -999,7 +1120,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute (smoke run)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (torch cases; numpy cases run on the CPU)")
     parser.add_argument("--compile", action="store_true", help="add similarity rows under torch.compile")
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="cases to run")
+    parser.add_argument("--cases", nargs="+", choices=CASES + EXTRA_CASES, default=list(CASES),
+                        help=f"cases to run ({', '.join(EXTRA_CASES)} only when named)")
+    parser.add_argument("--large_images", type=int, default=LARGE_GALLERY_IMAGES,
+                        help="large_gallery: images of the large size (5 captions each); a fifth of it is the small "
+                             "size, where the in-memory path is measured too")
     parser.add_argument("--out", help="also write the table (Markdown) to this file")
     parser.add_argument("--tmp_dir", default=None, help="folder for the np2h and PMRP files (default: the system's)")
     parser.add_argument("--threads", type=int, default=None,
@@ -1011,6 +1136,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if bool(args.shortlist_models) != bool(args.shortlist_data):
         raise InputError("--shortlist_models and --shortlist_data go together (the quality rows of the shortlist case)")
+    if args.large_images < 25:
+        raise InputError(f"--large_images must be at least 25 (a fifth of it is the small size), got {args.large_images}")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if not os.path.exists("/proc/self/clear_refs"):
