@@ -271,14 +271,18 @@ def relevance_block(relevance, images, caps):
     return out
 
 
-def score_streamed(scores, relevance, images, caps):
+def score_streamed(scores, relevance, images, caps, observe=None):
     """metrics.score_chunks of the block images (i0, i1) x captions (c0, c1) of `scores`, from
-    stream_chunks in both directions: never more than one chunk of scores and relevance in memory."""
+    stream_chunks in both directions: never more than one chunk of scores and relevance in memory.
+    observe(direction, first, rows), when given, sees every chunk too (e.g. pmrp_com.pmrp.StreamedPMRP.add:
+    more metrics from the same pass)."""
     (i0, i1), (c0, c1) = images, caps
 
     def chunks(direction, n_queries):
         with tqdm(total=n_queries, desc=f"{direction} queries (streamed)", unit="query", disable=None) as bar:
             for chunk in stream_chunks(scores, relevance, images, caps, direction):
+                if observe is not None:
+                    observe(direction, chunk[0], chunk[1])
                 yield chunk
                 bar.update(len(chunk[1]))
 

@@ -113,7 +113,7 @@ from daa_loss import DAALoss, SemanticRelevance, contrastive_loss
 from errors import InputError
 from layout import REGIONS
 from model import SimilarityModel
-from pmrp_com.pmrp import pmrp_scores
+from pmrp_com.pmrp import StreamedPMRP, pmrp_scores
 
 CASES = ("similarity", "train", "daa", "asp", "pmrp", "tfidf", "embedding", "np2h", "shortlist")
 EXTRA_CASES = ("large_gallery",)  # run only when named in --cases (the full size runs for many minutes)
@@ -695,10 +695,11 @@ class _Timed:
 
 def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
     """VSE on n_i random images x 5 n_i captions (full dims, random weights), every item encoded once, then
-    R@K, medr, meanr and ASP against the captions' sparse TF-IDF relevance, streamed
-    (scoring.score_streamed) or, with in_memory, as evaluation.py without --stream (the whole matrix and
-    the dense relevance). Returns (seconds, peak MB, report, timers: encoding / products / relevance rows /
-    ranking seconds, encoder GFLOP)."""
+    R@K, medr, meanr and ASP against the captions' sparse TF-IDF relevance and PMRP (random category codes,
+    whole split), streamed (scoring.score_streamed, PMRP from the same chunks: StreamedPMRP) or, with
+    in_memory, as evaluation.py without --stream (the whole matrix and the dense relevance) and
+    pmrp_scores. Returns (seconds, peak MB, report, timers: encoding / products / relevance rows / ranking /
+    PMRP seconds, encoder GFLOP)."""
     n_c = 5 * n_i
     images, captions = RandomBatches(n_i, sizes, False, seed=1), RandomBatches(n_c, sizes, True, seed=2)
     caption_words = sum(int(batch[1].sum()) for batch in captions)
@@ -706,7 +707,8 @@ def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
     torch.manual_seed(0)
     model = SimilarityModel(argparse.Namespace(**vars(model_options(sizes["dims"], sizes["vocab"], "VSE")),
                                                vse_pool="mean", pcme_samples=7)).to(device).eval()
-    timers = dict.fromkeys(("encoding", "products", "relevance rows", "ranking"), 0.0)
+    codes = random_codes(n_i)
+    timers = dict.fromkeys(("encoding", "products", "relevance rows", "ranking", "PMRP"), 0.0)
 
     def project():
         for key in timers:
@@ -725,12 +727,20 @@ def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
             start = time.perf_counter()
             report = evaluation.score_matrix(sims, sems)
             timers["ranking"] = time.perf_counter() - start
+            start = time.perf_counter()
+            report["pmrp"] = pmrp_scores(sims, codes, n_fold=0)
+            timers["PMRP"] = time.perf_counter() - start
             return report
         timed_scores = _Timed(scores, "block", timers, "products")
         timed_relevance = _Timed(relevance, "block", timers, "relevance rows")
+        pmrp = _Timed(StreamedPMRP(codes), "add", timers, "PMRP")
         start = time.perf_counter()
-        report = scoring.score_streamed(timed_scores, timed_relevance, (0, n_i), (0, n_c))
-        timers["ranking"] = time.perf_counter() - start - timers["products"] - timers["relevance rows"]
+        report = scoring.score_streamed(timed_scores, timed_relevance, (0, n_i), (0, n_c), observe=pmrp.add)
+        # what is not scoring, relevance or PMRP in the pass: R@K's ranks and ASP's sorts
+        timers["ranking"] = time.perf_counter() - start - sum(timers[k] for k in ("products", "relevance rows", "PMRP"))
+        start = time.perf_counter()
+        report["pmrp"] = pmrp.result()
+        timers["PMRP"] += time.perf_counter() - start
         return report
 
     total_s, peak_mb, report = measure(project, device, once=True)
@@ -749,8 +759,10 @@ def bench_large_gallery(sizes, device, n_images, sgemm):
     for n in (small, large):
         measured[n] = large_gallery_run(sizes, device, n, shard)
     base_s, base_mb, base_report, base_timers, _ = large_gallery_run(sizes, device, small, shard, in_memory=True)
-    diff = max(abs(measured[small][2][d][k] - base_report[d][k]) for d in ("i2t", "t2i")
-               for k in ("r1", "r5", "r10", "medr", "meanr", "asp"))
+    streamed = measured[small][2]
+    diff = max([abs(streamed[d][k] - base_report[d][k]) for d in ("i2t", "t2i")
+                for k in ("r1", "r5", "r10", "medr", "meanr", "asp")]
+               + [abs(streamed["pmrp"][d][k] - base_report["pmrp"][d][k]) for d in ("i2t", "t2i") for k in ("pmrp", "pmr1")])
     rows = []
     (s_s, s_mb), (l_s, l_mb) = ((measured[n][0], measured[n][1]) for n in (small, large))
     time_power = extrapolate((small, large), (s_s, l_s), large)[1]
@@ -764,7 +776,7 @@ def bench_large_gallery(sizes, device, n_images, sgemm):
             base = (base_s, base_mb)
             base_note = (f"baseline: in memory (the whole matrix, {matrix_mb:,.0f} MB, and the dense relevance; "
                          f"products {base_timers['products']:.1f} s, relevance {base_timers['relevance rows']:.1f} s, "
-                         f"ranking {base_timers['ranking']:.1f} s); diff: largest metric difference")
+                         f"ranking {base_timers['ranking']:.1f} s, PMRP {base_timers['PMRP']:.1f} s); diff: largest metric difference")
         else:
             # encoding grows as n, the rest as the pairs (n^2); memory: the whole matrix and the dense relevance
             base = (base_timers["encoding"] * n / small + (base_s - base_timers["encoding"]) * (n / small) ** 2,
@@ -779,7 +791,7 @@ def bench_large_gallery(sizes, device, n_images, sgemm):
                              f"{product_gflop / max(timers['products'], 1e-9):.0f} GFLOP/s"
                              + (f", {100 * product_gflop / max(timers['products'], 1e-9) / sgemm:.0f} % of sgemm"
                                 if sgemm else "") + f"), relevance rows {timers['relevance rows']:.1f} s, ranking "
-                             f"{timers['ranking']:.1f} s; PMRP not streamed yet; peak {peak_mb:,.0f} MB against "
+                             f"{timers['ranking']:.1f} s, PMRP {timers['PMRP']:.1f} s; peak {peak_mb:,.0f} MB against "
                              f"{matrix_mb:,.0f} MB for the matrix alone; growth {small:,} -> {large:,} images: time "
                              f"x n^{time_power:.2f}, memory x n^{mem_power:.2f}; R@1 i2t {report['i2t']['r1']:.2f}; "
                              f"{base_note}"))
