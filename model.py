@@ -428,6 +428,7 @@ class EncoderSimilarity(nn.Module):
 
         order = torch.argsort(lengths, descending=True, stable=True)
         sorted_lengths = lengths[order].tolist()
+        presorted = bool((order == torch.arange(n_c)).all())  # chunks are then slices, not gathered copies
         saf_batch_stats = self.module_name == "SAF" and self.SAF_module.uses_batch_stats()
         if self.module_name == "SGR":  # folded once for all chunks when scoring (see GraphReasoning.forward)
             edge_weights = [None if torch.is_grad_enabled() else module.edge_weights() for module in self.SGR_module]
@@ -436,7 +437,8 @@ class EncoderSimilarity(nn.Module):
             width = sorted_lengths[start]  # the longest caption of the chunk
             stop = min(n_c, start + max(1, self.max_elements // max(1, n_i * width * d)))
             idx = order[start:stop].to(cap_embs.device)
-            nodes, node_mask = self._nodes(img_embs, img_glo, cap_embs[idx, :width],
+            words = cap_embs[start:stop, :width] if presorted else cap_embs[idx, :width]
+            nodes, node_mask = self._nodes(img_embs, img_glo, words,
                                            mask[order[start:stop], :width].to(cap_embs.device), cap_glo[idx])
             if saf_batch_stats:
                 pending.append((idx, nodes, node_mask, self.SAF_module.gate_logits(nodes)))

@@ -360,7 +360,7 @@ class EncodedSplit:
     of the model on a block would otherwise recompute for every image and caption in it.
 
     img_embs and captions as `encode` gives them. SGR/SAF's captions are kept as real words only
-    (words (n_words, d), each caption's first row and length), and the global vectors are computed in
+    (words (n_words + 1, d), the last a zero row; each caption's first row and length), and the global vectors are computed in
     similarity_block's shards from the same inputs as there (in eval mode a vector depends on its item
     alone), so a shard scored here gives plain evaluation's scores bit for bit. Embedding models (VSE,
     PCME): one row per item, a pair's score is the head on the two rows.
@@ -377,7 +377,9 @@ class EncodedSplit:
             self.img_glo = self.cap_glo = None
             return
         self.lengths = torch.cat([lens for _, _, lens in captions]).long()
-        self.words = torch.cat([embs[torch.arange(embs.shape[1]) < lens[:, None]] for _, embs, lens in captions])
+        words = [embs[torch.arange(embs.shape[1]) < lens[:, None]] for _, embs, lens in captions]
+        # + one zero row, which every padded position of a gathered batch reads (one gather, no masking pass)
+        self.words = torch.cat(words + [words[0].new_zeros(1, words[0].shape[1])])
         self.firsts = torch.cumsum(self.lengths, 0) - self.lengths
         sim_enc, n_cap = model.sim_enc, len(self.lengths)
         self.img_glo, self.cap_glo = None, None
@@ -399,18 +401,25 @@ class EncodedSplit:
         if self.model.embedding:
             return self.cap_rows[ids], lens
         position = torch.arange(int(lens.max()))
-        real = position < lens[:, None]  # (m, L)
-        rows = torch.where(real, self.firsts[ids, None] + position, 0)
-        return torch.where(real[..., None], self.words[rows], 0.0), lens
+        rows = torch.where(position < lens[:, None], self.firsts[ids, None] + position, len(self.words) - 1)  # (m, L)
+        return self.words[rows], lens
 
     @torch.no_grad()
     def scores(self, a, b, ids):
-        """float32 numpy (b - a, m): images a..b-1 x captions `ids`."""
-        embs, lengths = self.captions(ids)
+        """float32 numpy (b - a, m): images a..b-1 x captions `ids`.
+
+        SGR/SAF get the captions longest first, the order EncoderSimilarity.forward scores them in (a
+        stable sort: the same chunks, the same scores), so that its chunks are slices of the batch."""
+        ids = torch.as_tensor(ids)
+        order = torch.argsort(self.lengths[ids], descending=True, stable=True) if self.img_glo is not None \
+            else torch.arange(len(ids))
+        embs, lengths = self.captions(ids[order])
         glo = {} if self.img_glo is None else {"img_glo": self.img_glo[a:b].to(self.device),
-                                               "cap_glo": self.cap_glo[torch.as_tensor(ids)].to(self.device)}
-        return self.model.similarity(self.img_embs[a:b].to(self.device), embs.to(self.device),
-                                     lengths.to(self.device), **glo).float().cpu().numpy()
+                                               "cap_glo": self.cap_glo[ids[order]].to(self.device)}
+        out = np.empty((b - a, len(ids)), dtype=np.float32)
+        out[:, order.numpy()] = self.model.similarity(self.img_embs[a:b].to(self.device), embs.to(self.device),
+                                                      lengths.to(self.device), **glo).float().cpu().numpy()
+        return out
 
 
 def similarity_pairs(split, ranges, needed, shard_size, bar=None):
