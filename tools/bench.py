@@ -99,6 +99,7 @@ import threadpoolctl
 import torch
 import torch.nn as nn
 
+import ann_index
 import errors
 import evaluation
 import fileio
@@ -113,11 +114,12 @@ from daa_loss import DAALoss, SemanticRelevance, contrastive_loss
 from errors import InputError
 from layout import REGIONS
 from model import SimilarityModel
-from pmrp_com.pmrp import StreamedPMRP, pmrp_scores
+from pmrp_com.pmrp import StreamedPMRP, pmrp_scores, topk_rows
 
 CASES = ("similarity", "train", "daa", "asp", "pmrp", "tfidf", "embedding", "np2h", "shortlist")
 EXTRA_CASES = ("large_gallery",)  # run only when named in --cases (the full size runs for many minutes)
 LARGE_GALLERY_IMAGES = 25000  # 5x COCO 5K each way: 25,000 images x 125,000 captions
+ANN_K = 100  # the large_gallery case's ANN rows: recall of each query's exact top 100
 REPEAT_UNDER_S = 1.0  # runs shorter than this are repeated (best of MAX_RUNS)
 MAX_RUNS = 3  # 1 with --quick, a smoke run
 COCO_TRAIN_IMAGES = 113287  # (113,287, 36, 2048) float32 = 31.1 GB (MB and GB here are 2^20 and 2^30 bytes)
@@ -693,6 +695,18 @@ class _Timed:
         return timed
 
 
+def ann_rows(img_rows, cap_rows, exact):
+    """--shortlist_index on VSE's encoded items: for hnsw and ivf, {kind: (i2t recall, t2i recall, seconds)} of
+    the exact top ANN_K (exact: {"i2t": (n_i, K) ids, "t2i": (n_c, K)}), building and searching included."""
+    (img_q, cap_g), (cap_q, img_g) = ann_index.search_vectors("VSE", img_rows, cap_rows)
+    out = {}
+    for kind in ("hnsw", "ivf"):
+        i2t_ids, i2t_s = ann_index.top_k(kind, img_q, cap_g, ANN_K, torch.get_num_threads())
+        t2i_ids, t2i_s = ann_index.top_k(kind, cap_q, img_g, ANN_K, torch.get_num_threads())
+        out[kind] = (ann_index.recall(i2t_ids, exact["i2t"]), ann_index.recall(t2i_ids, exact["t2i"]), i2t_s + t2i_s)
+    return out
+
+
 def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
     """VSE on n_i random images x 5 n_i captions (full dims, random weights), every item encoded once, then
     R@K, medr, meanr and ASP against the captions' sparse TF-IDF relevance and PMRP (random category codes,
@@ -708,7 +722,7 @@ def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
     model = SimilarityModel(argparse.Namespace(**vars(model_options(sizes["dims"], sizes["vocab"], "VSE")),
                                                vse_pool="mean", pcme_samples=7)).to(device).eval()
     codes = random_codes(n_i)
-    timers = dict.fromkeys(("encoding", "products", "relevance rows", "ranking", "PMRP"), 0.0)
+    timers = dict.fromkeys(("encoding", "products", "relevance rows", "ranking", "PMRP", "exact top K"), 0.0)
 
     def project():
         for key in timers:
@@ -733,17 +747,32 @@ def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
             return report
         timed_scores = _Timed(scores, "block", timers, "products")
         timed_relevance = _Timed(relevance, "block", timers, "relevance rows")
-        pmrp = _Timed(StreamedPMRP(codes), "add", timers, "PMRP")
+        pmrp = StreamedPMRP(codes)
+        exact = {"i2t": [], "t2i": []}  # each query's exact top K, for the ANN indexes' recall
+
+        def observe(direction, first, rows):
+            start = time.perf_counter()
+            pmrp.add(direction, first, rows)
+            middle = time.perf_counter()
+            exact[direction].append(topk_rows(rows, ANN_K))
+            timers["PMRP"] += middle - start
+            timers["exact top K"] += time.perf_counter() - middle
+
         start = time.perf_counter()
-        report = scoring.score_streamed(timed_scores, timed_relevance, (0, n_i), (0, n_c), observe=pmrp.add)
-        # what is not scoring, relevance or PMRP in the pass: R@K's ranks and ASP's sorts
-        timers["ranking"] = time.perf_counter() - start - sum(timers[k] for k in ("products", "relevance rows", "PMRP"))
+        report = scoring.score_streamed(timed_scores, timed_relevance, (0, n_i), (0, n_c), observe=observe)
+        # what is not scoring, relevance, PMRP or top K in the pass: R@K's ranks and ASP's sorts
+        timers["ranking"] = time.perf_counter() - start - sum(timers[k] for k in ("products", "relevance rows", "PMRP",
+                                                                                    "exact top K"))
         start = time.perf_counter()
         report["pmrp"] = pmrp.result()
         timers["PMRP"] += time.perf_counter() - start
+        report["exact"] = ({d: np.concatenate(v) for d, v in exact.items()}, img_embs.numpy(), caps[0][1].numpy())
         return report
 
     total_s, peak_mb, report = measure(project, device, once=True)
+    if not in_memory:  # the ANN indexes on the encoded items, timed apart from the streamed evaluation
+        exact, img_rows, cap_rows = report.pop("exact")
+        report["index"] = ann_rows(img_rows, cap_rows, exact)
     return total_s, peak_mb, report, dict(timers), encoder_flops(sizes, n_i, caption_words) / 1e9
 
 
@@ -770,6 +799,7 @@ def bench_large_gallery(sizes, device, n_images, sgemm):
     for n in (small, large):
         total_s, peak_mb, report, timers, encoder_gflop = measured[n]
         n_c = 5 * n
+        exact_s = timers["products"] + timers["exact top K"]
         product_gflop = 2 * 2 * n * n_c * sizes["dims"][2] / 1e9  # each pair once per direction
         matrix_mb = n * n_c * 4 / 2 ** 20
         if n == small:
@@ -786,12 +816,17 @@ def bench_large_gallery(sizes, device, n_images, sgemm):
         rows.append(row(f"large gallery VSE, streamed", f"{n:,} images x {n_c:,} captions, dims {dims}", base,
                         (total_s, peak_mb), diff if n == small else None, extrapolated=n != small,
                         mem=_torch_mem(device), flops=(product_gflop + encoder_gflop) * 1e9, timers=timers,
+                        index={kind: (i2t, t2i, seconds, exact_s) for kind, (i2t, t2i, seconds) in report["index"].items()},
                         note=f"encoding {timers['encoding']:.1f} s ({encoder_gflop / max(timers['encoding'], 1e-9):.0f} "
                              f"GFLOP/s), products {timers['products']:.1f} s ({product_gflop:,.0f} GFLOP, "
                              f"{product_gflop / max(timers['products'], 1e-9):.0f} GFLOP/s"
                              + (f", {100 * product_gflop / max(timers['products'], 1e-9) / sgemm:.0f} % of sgemm"
                                 if sgemm else "") + f"), relevance rows {timers['relevance rows']:.1f} s, ranking "
-                             f"{timers['ranking']:.1f} s, PMRP {timers['PMRP']:.1f} s; peak {peak_mb:,.0f} MB against "
+                             f"{timers['ranking']:.1f} s, PMRP {timers['PMRP']:.1f} s, exact top {ANN_K} per query {timers['exact top K']:.1f} s; "
+                             + "".join(f"{kind} index: recall of the exact top {ANN_K} i2t {i2t:.4f} / t2i {t2i:.4f}, "
+                                       f"{seconds:.1f} s built and searched ({exact_s / max(seconds, 1e-9):.1f}x faster "
+                                       f"than exact search: products + top {ANN_K}); "
+                                       for kind, (i2t, t2i, seconds) in report["index"].items()) + f"peak {peak_mb:,.0f} MB against "
                              f"{matrix_mb:,.0f} MB for the matrix alone; growth {small:,} -> {large:,} images: time "
                              f"x n^{time_power:.2f}, memory x n^{mem_power:.2f}; R@1 i2t {report['i2t']['r1']:.2f}; "
                              f"{base_note}"))
@@ -1072,6 +1107,10 @@ def targets(rows, sizes, sgemm=None):
             out.append((f"{r['case']}: {r['size'].split(', dims')[0]}, every metric exact, < 20 min and < 2 GB peak",
                         f"{r['proj_s'] / 60:.1f} min, {r['proj_mb'] / 1024:.2f} GB",
                         "yes" if r["proj_s"] < 1200 and r["proj_mb"] < 2048 else "no"))
+            for kind, (i2t, t2i, seconds, exact_s) in r["index"].items():
+                out.append((f"--shortlist_index {kind} there: recall >= 0.99 of the exact top {ANN_K}, >= 5x faster "
+                            f"than exact search", f"recall {min(i2t, t2i):.4f}, {exact_s / max(seconds, 1e-9):.1f}x",
+                            "yes" if min(i2t, t2i) >= 0.99 and exact_s >= 5 * seconds else "no"))
         elif r["case"].startswith("embedding"):
             matrices_mb = 2 * 5 * sizes["emb_images"] ** 2 * 4 / 2 ** 20
             out.append((f"{r['case']}: {r['size'].split(',')[0]} scored, encoding included, with R@K, ASP and PMRP "
