@@ -216,7 +216,8 @@ def score_chunks(i2t_chunks, t2i_chunks, n_images, n_captions):
 
     i2t_chunks yields (first image, rows of S (b, n_captions), the same rows of M or None), t2i_chunks
     (first caption, rows of S^T (b, n_images), rows of M^T or None), in any order, covering every query
-    once. Only the ranks (one int per query) are kept between chunks.
+    once (first None: one chunk of every query, the whole S or S^T). Only the ranks (one int per query)
+    and a running ASP sum are kept between chunks.
     """
     if n_captions != 5 * n_images:
         raise ValueError(f"expected an (n_images, 5 n_images) block, got ({n_images}, {n_captions})")
@@ -225,7 +226,7 @@ def score_chunks(i2t_chunks, t2i_chunks, n_images, n_captions):
                                                       ("t2i", t2i_chunks, t2i_part, n_captions, n_images)):
         ranks, total, seen = np.empty(n_queries, dtype=np.int64), 0.0, 0
         for first, rows, sems in chunks:
-            start = first or 0  # None: one chunk of every query (checked to be a whole (n, 5n) matrix)
+            start = first or 0  # None: the whole matrix, which i2t_ranks / t2i_ranks check is (n, 5n)
             ranks[start:start + len(rows)], part_sum = part(rows, first, sems)
             total = None if part_sum is None else total + part_sum
             seen += len(rows)
