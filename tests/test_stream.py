@@ -153,3 +153,16 @@ def test_stream_bad_inputs(synth, models, tmp_path, capsys):
     for value in ("0", "-1", "nan"):
         _expect_error(capsys, argv + ["--max_matrix_gb", value], out, "--max_matrix_gb")
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_default_limit_comes_from_available_memory(synth, models, tmp_path, one_thread, capsys, monkeypatch):
+    """Without --max_matrix_gb the limit is the memory available divided by the matrices the in-memory path
+    holds (an SGRAF pair: two, their mean, the relevance): little memory left streams by itself."""
+    argv = _model_argv(synth, "--model_path", models["sgr"], "--model_path2", models["saf"])
+    monkeypatch.setattr(evaluation, "available_gb", lambda: 4 * 0.9 * 50 * 250 * 4 / 2 ** 30)  # 0.9 matrix each
+    _run(argv, tmp_path / "auto.json")
+    out = capsys.readouterr().out
+    assert "streaming: the (50, 250) score matrix" in out and f"--max_matrix_gb {0.9 * 50 * 250 * 4 / 2 ** 30:.2f}" in out
+    monkeypatch.setattr(evaluation, "available_gb", lambda: 4 * 1.1 * 50 * 250 * 4 / 2 ** 30)
+    _run(argv, tmp_path / "memory.json")
+    assert "streaming" not in capsys.readouterr().out
