@@ -30,7 +30,7 @@ from pmrp_com.pmrp import topk_rows
 PCME_SCORING = "means: sigmoid(-a ||mu_image - mu_caption||_2 + b)"
 # Bytes of one chunk of scores in streamed evaluation (rounded to whole shards, at least one): with its
 # relevance rows and the ranking buffers the streamed peak is a few times this, whatever the gallery.
-STREAM_CHUNK_BYTES = 256 * 2 ** 20
+STREAM_CHUNK_BYTES = 64 * 2 ** 20
 RELEVANCE_PIECE = 1 << 22  # entries of one sparse product of relevance rows (see relevance_block)
 
 # ------------------------------------------------------------------------------------------------

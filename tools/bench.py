@@ -781,7 +781,7 @@ def bench_large_gallery(sizes, device, n_images, sgemm):
     of that, where the in-memory path is measured too (its metrics against the streamed ones: the diff
     column). Time split: encoding, score products (each pair once per direction), relevance rows (sparse
     TF-IDF products), ranking (R@K ranks and ASP's sorts); growth from the small to the large size."""
-    shard = 256  # chunks of 512 rows: 256 MB of scores per chunk at 125,000 captions
+    shard = 256  # a chunk of 256 image rows: 128 MB of scores at 125,000 captions (one shard; see scoring.chunk_rows)
     dims = "/".join(map(str, sizes["dims"][:3]))
     small, large = max(5, n_images // 5), n_images
     measured = {}
