@@ -270,7 +270,7 @@ def two_stage(args, model_paths):
 def shortlist_candidates(args, module_name, shortlist, ranges, img_embs, captions):
     """Each block's (i2t, t2i) candidate masks (scoring.shortlist_masks) and, for --shortlist_index hnsw|ivf,
     the "index" report: its recall of the exact top K (ties by lower index) per direction, the seconds of
-    building and searching its indexes, and of the exact top K from the matrix (None for exact).
+    building its indexes and of searching them, and of the exact top K from the matrix (None for exact).
 
     shortlist: the shortlist model's blocks of `ranges`; img_embs, captions: its encodings (one row per
     item: ann_index.search_vectors)."""
@@ -282,19 +282,20 @@ def shortlist_candidates(args, module_name, shortlist, ranges, img_embs, caption
     exact_seconds = time.perf_counter() - started
     (img_queries, cap_gallery), (cap_queries, img_gallery) = ann_index.search_vectors(
         module_name, img_embs.numpy(), captions[0][1].numpy())
-    masks, hits, seconds, threads = [], {"i2t": [], "t2i": []}, 0.0, torch.get_num_threads()
+    masks, hits, seconds, threads = [], {"i2t": [], "t2i": []}, np.zeros(2), torch.get_num_threads()
     for block, ((i0, i1), (c0, c1)), (i2t_exact, t2i_exact) in zip(shortlist, ranges, exact):
-        i2t_ids, i2t_s = ann_index.top_k(kind, img_queries[i0:i1], cap_gallery[c0:c1], k, threads)
-        t2i_ids, t2i_s = ann_index.top_k(kind, cap_queries[c0:c1], img_gallery[i0:i1], k, threads)
-        seconds += i2t_s + t2i_s
+        i2t_ids, *i2t_s = ann_index.top_k(kind, img_queries[i0:i1], cap_gallery[c0:c1], k, threads)
+        t2i_ids, *t2i_s = ann_index.top_k(kind, cap_queries[c0:c1], img_gallery[i0:i1], k, threads)
+        seconds += np.add(i2t_s, t2i_s)  # (building, searching)
         masks.append(shortlist_masks(block, k, (i2t_ids, t2i_ids)))
         hits["i2t"].append((ann_index.recall(i2t_ids, i2t_exact), i2t_exact.size))
         hits["t2i"].append((ann_index.recall(t2i_ids, t2i_exact), t2i_exact.size))
     recall = {d: sum(r * n for r, n in v) / sum(n for _, n in v) for d, v in hits.items()}
     print(f"--shortlist_index {kind}: recall of the exact top {k} i2t {recall['i2t']:.4f}, t2i {recall['t2i']:.4f}; "
-          f"index {seconds:.2f} s, exact top {k} from the matrix {exact_seconds:.2f} s")
-    return masks, {"kind": kind, "i2t_recall": recall["i2t"], "t2i_recall": recall["t2i"], "seconds": seconds,
-                   "exact_seconds": exact_seconds}
+          f"index built in {seconds[0]:.2f} s, searched in {seconds[1]:.2f} s; exact top {k} from the matrix "
+          f"{exact_seconds:.2f} s")
+    return masks, {"kind": kind, "i2t_recall": recall["i2t"], "t2i_recall": recall["t2i"],
+                   "build_seconds": float(seconds[0]), "search_seconds": float(seconds[1]), "exact_seconds": exact_seconds}
 
 
 def save_ranks(sims, k, path):
