@@ -1,38 +1,39 @@
 """Evaluation: R@K (SCAN convention), ASP, from a checkpoint or from saved similarity matrices.
 
     python evaluation.py --model_path CKPT [--model_path2 CKPT2] [--split testall] [--fold5]
-                         [--save_sims S.npy] [--save_ranks F --topk 10] [--json OUT] [--eccv]
+                         [--save_sims S.npy] [--save_ranks F --topk 10] [--json OUT] [--eccv] [--stream]
     python evaluation.py --sims S.npy [--sims S2.npy ...] --data_path D --data_name N --split S
-                         [--fold5] --json OUT
+                         [--fold5] [--stream] --json OUT
     python evaluation.py --model_path CKPT [--model_path2 CKPT2] --shortlist EMB_CKPT --shortlist_k K [--fold5]
+                         [--shortlist_index exact|hnsw|ivf]
 
-A similarity matrix is (n_images, n_captions) = (n, 5n), rows in image order, columns in caption
-order; captions 5i..5i+4 belong to image i. Several matrices (two checkpoints, several --sims) are
-averaged: SGRAF = mean of an SGR and an SAF matrix.
+A similarity matrix is (n_images, n_captions) = (n, 5n), rows in image order, columns in caption order;
+captions 5i..5i+4 belong to image i. Several matrices (two checkpoints, several --sims) are averaged:
+SGRAF = mean of an SGR and an SAF matrix. The metrics' definitions are in metrics.py, how a model's scores
+are computed in scoring.py; this file is the command line.
 
-R@K. i2t: rank of image i = min over its captions c of #{distractors a : s[i, a] >= s[i, c]} (its other
-captions never count against c); t2i: rank of caption j = #{a != j // 5 : s[a, j] >= s[j // 5, j]}. Ties
-with a distractor count against the query, so a constant matrix gets R@1 = 0 and no value depends on
-a sort order. Computed by comparisons in chunks of rows (or columns), no sorting.
-
-ASP: for each query row, rank_s(c) = 1 + #{a != c : s[a] >= s[c]} (a tied score ranks after everything
-it ties with: a model earns no credit for the ties it makes, so a constant matrix scores about 50, like
-random scores) and rank_r(c) = 1 + #{a : r[a] > r[c]} + 1/2 #{a != c : r[a] = r[c]} on the relevance M
-(equal relevance is genuine: the average rank of a tied block); ASP = 100 mean min(rank_s, rank_r) /
-max(...). i2t queries are rows of S and M, t2i rows of S^T and M^T. M is daa_loss.SemanticRelevance on
-the split's captions (the dev split is cut to its first 5000 captions, as data.py does); in a fold, ASP
-uses the fold's block of S and of M (M fit on the whole split).
+ASP's relevance M is daa_loss.SemanticRelevance on the split's captions (the dev split is cut to its
+first 5000 captions, as data.py does); in a fold, ASP uses the fold's block of S and of M (M fit on the
+whole split).
 
 --fold5: COCO 1K, the mean over 5 folds of images f n/5 .. (f+1) n/5 - 1 and their captions.
+
+--stream: the same report computed chunk of query rows by chunk (image rows over every caption for i2t,
+caption rows over every image for t2i, each direction from its own chunks, the relevance rows per chunk
+from the sparse TF-IDF), never the whole matrix: memory is bounded by chunk x gallery. Each chunk is
+scored in plain evaluation's shards, so R@K, medr and meanr are equal and ASP equal up to the order of
+float additions. A model's pairs are scored once per direction (twice in all) unless --save_sims writes
+the matrix to disk, chunk by chunk into a .npy memory map, which the rest then reads. When the matrix
+would exceed --max_matrix_gb, evaluation streams by itself and says so.
 
 --shortlist: two-stage retrieval. Per query, the K best gallery items by the shortlist model (ties by
 lower index) are scored by the main model(s) and ranked above all others, in the main model's order;
 the others follow in the shortlist model's order (in a fold: the fold's gallery). Only those pairs are
-scored; R@K and ASP are those of the two rankings (i2t and t2i differ), K >= the gallery = plain scoring.
+scored, each item's own work (encodings, SGR/SAF's global vectors) done once; R@K and ASP are those of the
+two rankings (i2t and t2i differ), K >= the gallery = plain scoring. --shortlist_index hnsw|ivf finds the
+K candidates with a faiss index of the shortlist model's embeddings instead (ann_index.py), and reports
+its recall of the exact top K.
 """
-import concurrent.futures
-import contextlib
-import ctypes
 import json
 import os
 import sys
@@ -41,8 +42,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+import ann_index
 import checkpoint
 import data
 import distributed
@@ -52,469 +53,15 @@ import vocab as vocab_lib
 from daa_loss import SemanticRelevance
 from errors import InputError
 from layout import CAPTIONS_PER_IMAGE, dataset_dir, fold_bounds
+# Names other modules and tests have always used as evaluation.X are re-exported (noqa: F401).
+from metrics import (KS, asp, fold_blocks, format_table, i2t, i2t_ranks, mean_of_folds, recall_summary,  # noqa: F401
+                     score_folds, score_matrix, t2i, t2i_ranks)
 from model import SimilarityModel
 from pmrp_com.eccv import eccv_metrics, eccv_scores
-from pmrp_com.pmrp import topk_rankings, topk_rows
-
-# Elements of one chunk of rows in the rank computations: 2^20 x (1-8 bytes) x about 15 temporaries.
-CHUNK_ELEMENTS = 1 << 20
-KS = (1, 5, 10)
-# How a PCME (PCME++) checkpoint's matrix is scored (model.PCMEHead, PCMEppHead in eval mode), told in the JSON
-# of its evaluations.
-PCME_SCORING = "means: sigmoid(-a ||mu_image - mu_caption||_2 + b)"
-PCMEPP_SCORING = "-CSD: -(||mu_image - mu_caption||^2 + sum sigma_image^2 + sum sigma_caption^2)"
-SCORING = {"PCME": PCME_SCORING, "PCMEpp": PCMEPP_SCORING}
-
-
-# ------------------------------------------------------------------------------------------------
-# Metrics of a similarity matrix
-
-
-def _chunks(n, length):
-    """Slices of at most CHUNK_ELEMENTS // length rows covering range(n)."""
-    step = max(1, CHUNK_ELEMENTS // max(1, length))
-    for start in range(0, n, step):
-        yield slice(start, min(start + step, n))
-
-
-def _check_square5(sims):
-    n_img, n_cap = sims.shape
-    if n_cap != 5 * n_img:
-        raise ValueError(f"expected an (n_images, 5 n_images) matrix, got {sims.shape}")
-
-
-def i2t_ranks(sims):
-    """0-based rank of every image query: int64 (n_images,), best of its 5 captions, distractor ties against it."""
-    _check_square5(sims)
-    n_img, n_cap = sims.shape
-    ranks = np.empty(n_img, dtype=np.int64)
-    for rows in _chunks(n_img, n_cap):
-        block = np.asarray(sims[rows])  # (b, n_cap)
-        own = np.arange(rows.start, rows.stop)[:, None] * 5 + np.arange(5)  # (b, 5) own captions
-        gt = block[np.arange(block.shape[0])[:, None], own]
-        # #{a : s[a] >= s[c]} minus the own captions >= s[c] (c itself among them): the distractors >= s[c]
-        counts = np.stack([(block >= gt[:, k:k + 1]).sum(1) - (gt >= gt[:, k:k + 1]).sum(1) for k in range(5)], axis=1)
-        ranks[rows] = counts.min(1)
-    return ranks
-
-
-def t2i_ranks(sims):
-    """0-based rank of every caption query: int64 (n_captions,), position of image j // 5, ties against it."""
-    _check_square5(sims)
-    n_img, n_cap = sims.shape
-    ranks = np.empty(n_cap, dtype=np.int64)
-    for cols in _chunks(n_cap, n_img):
-        block = np.asarray(sims[:, cols])  # (n_img, b)
-        caption = np.arange(cols.start, cols.stop)
-        gt = block[caption // 5, caption - cols.start]  # (b,)
-        ranks[cols] = (block >= gt[None, :]).sum(0) - 1
-    return ranks
-
-
-def recall_summary(ranks):
-    """(r1, r5, r10, medr, meanr) of 0-based ranks: R@K in percent, medr/meanr 1-based."""
-    r1, r5, r10 = (100.0 * float(np.mean(ranks < k)) for k in KS)
-    return r1, r5, r10, float(np.floor(np.median(ranks)) + 1), float(ranks.mean() + 1)
-
-
-def _sort_rows(x):
-    """(order, sorted values) of each row of x (b, n), ascending: int64 and x.dtype (b, n).
-
-    float32 rows are sorted as single uint64 keys (the float's order-preserving bit pattern in the high
-    half, the column in the low half), which numpy sorts several times faster than an argsort; other
-    dtypes take np.argsort. Equal values may come in any order: the ranks below depend on values only.
-    """
-    if x.dtype != np.float32:
-        order = np.argsort(x, axis=1)
-        return order, np.take_along_axis(x, order, axis=1)
-    bits = (x + np.float32(0)).view(np.uint32)  # + 0 turns -0.0 into +0.0, so equal floats get equal keys
-    bits = bits ^ ((bits >> np.uint32(31)) * np.uint32(0x7FFFFFFF) | np.uint32(0x80000000))  # negatives flipped
-    keys = np.sort((bits.astype(np.uint64) << np.uint64(32)) | np.arange(x.shape[1], dtype=np.uint64), axis=1)
-    order = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    return order, np.take_along_axis(x, order, axis=1)
-
-
-def _tie_bounds(values):
-    """First and last position of each sorted position's block of equal values: int64 (b, n) twice."""
-    b, n = values.shape
-    position = np.broadcast_to(np.arange(n), (b, n))
-    starts = np.ones((b, n), dtype=bool)
-    starts[:, 1:] = values[:, 1:] != values[:, :-1]
-    ends = np.ones((b, n), dtype=bool)
-    ends[:, :-1] = starts[:, 1:]
-    first = np.maximum.accumulate(np.where(starts, position, 0), axis=1)
-    last = np.minimum.accumulate(np.where(ends, position, n - 1)[:, ::-1], axis=1)[:, ::-1]
-    return first, last
-
-
-def _twice_ranks(x, ties):
-    """Twice the descending rank of every item of each row of x (b, n): int64 (b, n), exact integers.
-
-    ties "last": 1 + #{a != c : x[a] >= x[c]} (a tied item ranks after everything it ties with);
-    ties "average": 1 + #{a : x[a] > x[c]} + 1/2 #{a != c : x[a] = x[c]}. In ascending order a block of
-    equal values spans positions first..last: #{x[a] < x[c]} = first, #{x[a] <= x[c]} = last + 1.
-    """
-    n = x.shape[1]
-    order, values = _sort_rows(x)
-    first, last = _tie_bounds(values)
-    in_order = 2 * (n - first) if ties == "last" else 2 * n - first - last
-    ranks = np.empty(x.shape, dtype=np.int64)
-    np.put_along_axis(ranks, order, in_order, axis=1)
-    return ranks
-
-
-def _asp_rows(s, r):
-    """Sum over the rows of s and r (b, n) of min(rank_s, rank_r) / max(rank_s, rank_r) (a float)."""
-    rank_s, rank_r = _twice_ranks(s, "last"), _twice_ranks(r, "average")
-    return float((np.minimum(rank_s, rank_r) / np.maximum(rank_s, rank_r)).sum())
-
-
-def asp(sims, sems):
-    """Exact ASP in percent of query rows of `sims` against `sems` (same shape; may be transposed views).
-
-    Chunks of rows are ranked by sorting (no per-item comparisons), on as many threads as torch uses
-    (numpy's sorts release the GIL); memory is a few chunk-sized buffers per thread.
-    """
-    if sims.shape != sems.shape:
-        raise ValueError(f"similarity {sims.shape} and relevance {sems.shape} differ in shape")
-    n_q, n = sims.shape
-    with concurrent.futures.ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        parts = pool.map(lambda rows: _asp_rows(np.ascontiguousarray(sims[rows]), np.ascontiguousarray(sems[rows])),
-                         _chunks(n_q, n))
-        return 100.0 * sum(parts) / (n_q * n)
-
-
-def i2t(sims, sems=None):
-    """Image-to-text (r1, r5, r10, medr, meanr, asp) of an (n, 5n) matrix; asp None without sems."""
-    return recall_summary(i2t_ranks(sims)) + (None if sems is None else asp(sims, sems),)
-
-
-def t2i(sims, sems=None):
-    """Text-to-image (r1, r5, r10, medr, meanr, asp) of an (n, 5n) matrix; asp None without sems."""
-    return recall_summary(t2i_ranks(sims)) + (None if sems is None else asp(sims.T, sems.T),)
-
-
-def _direction(values):
-    return dict(zip(("r1", "r5", "r10", "medr", "meanr", "asp"), values))
-
-
-def score_matrix(sims, sems=None, t2i_sims=None):
-    """{"i2t": {r1, r5, r10, medr, meanr, asp}, "t2i": {...}, "rsum"} of one (n, 5n) block.
-
-    t2i_sims: the block whose columns rank the caption queries when it is not `sims` (two-stage
-    retrieval ranks the two directions from different candidates).
-    """
-    out = {"i2t": _direction(i2t(sims, sems)), "t2i": _direction(t2i(sims if t2i_sims is None else t2i_sims, sems))}
-    out["rsum"] = sum(out[d][f"r{k}"] for d in ("i2t", "t2i") for k in KS)
-    return out
-
-
-def fold_blocks(matrix):
-    """The diagonal (n / 5, n) fold blocks of an (n_images, 5 n_images) matrix: each fold's images x captions."""
-    return [matrix[lo:hi, 5 * lo:5 * hi] for lo, hi in fold_bounds(matrix.shape[0])]
-
-
-def score_folds(blocks, sems_blocks=None, t2i_blocks=None):
-    """COCO 1K: score_matrix of each fold block, their mean at the top level, and the list under "folds".
-
-    blocks: the 5 fold blocks of S; sems_blocks: the same blocks of M (asp stays None without them);
-    t2i_blocks: score_matrix's t2i_sims of each fold.
-    """
-    folds = [score_matrix(b, m, t) for b, m, t in zip(blocks, sems_blocks or [None] * len(blocks),
-                                                       t2i_blocks or [None] * len(blocks))]
-    out = {d: {key: (None if folds[0][d][key] is None else float(np.mean([f[d][key] for f in folds])))
-               for key in folds[0][d]} for d in ("i2t", "t2i")}
-    out["rsum"] = float(np.mean([f["rsum"] for f in folds]))
-    out["folds"] = folds
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Similarities from a model
-
-
-def resolve_device(device):
-    """'auto' -> cuda when present, else cpu; a torch.device passes through."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available")
-    return device
-
-
-@torch.no_grad()
-def encode(model, image_loader, caption_loader, device):
-    """Encode every image and caption once.
-
-    Returns img_embs (n_img, 36, d) on the CPU, and the captions as a list of
-    (first caption index, embeddings (b, L_b, d) on the CPU, lengths (b,)) per loader batch, each
-    batch padded only to its own longest caption. Embedding models (VSE, PCME, PCMEpp) give one row per item:
-    img_embs (n_img, ...) and a single entry (0, all captions' embeddings (n_cap, ...), lengths).
-    """
-    model.eval()
-    img_embs = []
-    for images, _ in tqdm(image_loader, desc="encode images", leave=False, disable=None):
-        img_embs.append(model.encode_images(images.to(device, non_blocking=True)).float().cpu())
-    captions, start = [], 0
-    for caps, lengths, _ in tqdm(caption_loader, desc="encode captions", leave=False, disable=None):
-        # lengths stay on the CPU, where the text encoder packs by them (a GPU copy came straight back)
-        captions.append((start, model.encode_captions(caps.to(device, non_blocking=True), lengths).float().cpu(),
-                         lengths))
-        start += len(lengths)
-    if model.embedding and captions:
-        captions = [(0, torch.cat([c[1] for c in captions]), torch.cat([c[2] for c in captions]))]
-    return torch.cat(img_embs), captions
-
-
-def _caption_slice(captions, lo, hi, rows=False):
-    """Embeddings (hi - lo, L, d) and lengths of captions lo..hi-1, padded to their longest; with `rows`
-    (an embedding model's single entry of one row per caption, see `encode`), rows lo..hi-1 as they are."""
-    if rows:
-        _, embs, lengths = captions[0]
-        return embs[lo:hi], lengths[lo:hi]
-    pieces = []
-    for start, embs, lengths in captions:
-        a, b = max(lo, start), min(hi, start + len(lengths))
-        if a < b:
-            pieces.append((embs[a - start:b - start], lengths[a - start:b - start]))
-    lengths = torch.cat([p[1] for p in pieces])
-    width = int(lengths.max())  # a loader batch may be padded longer than this slice needs
-    out = torch.zeros(len(lengths), width, pieces[0][0].shape[2])
-    row = 0
-    for embs, lens in pieces:
-        w = min(width, embs.shape[1])
-        out[row:row + len(lens), :w] = embs[:, :w]
-        row += len(lens)
-    return out, lengths
-
-
-@torch.no_grad()
-def similarity_block(model, img_embs, captions, images, caps, shard_size, device, bar=None, rank=0, world=1):
-    """Scores of image range `images` x caption range `caps` (pairs of ints), in shards: float32 numpy.
-
-    With world > 1 this process scores only shards k with k % world == rank and leaves the others 0;
-    the shards are the same as in a single-process run, so the summed matrices are bit-identical to it.
-    """
-    (i0, i1), (c0, c1) = images, caps
-    out = np.zeros((i1 - i0, c1 - c0), dtype=np.float32)
-    shard = -1
-    for a in range(i0, i1, shard_size):
-        imgs = img_embs[a:min(a + shard_size, i1)].to(device)
-        for c in range(c0, c1, shard_size):
-            shard += 1
-            if shard % world != rank:
-                continue
-            embs, lengths = _caption_slice(captions, c, min(c + shard_size, c1), model.embedding)
-            sims = model.similarity(imgs, embs.to(device), lengths)  # lengths on the CPU: chunks are planned there
-            out[a - i0:a - i0 + len(imgs), c - c0:c - c0 + len(lengths)] = sims.float().cpu().numpy()
-            if bar is not None:
-                bar.update(len(imgs) * len(lengths))
-    return out
-
-
-PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-@contextlib.contextmanager
-def precision(name, device):
-    """Numerics of the encoders and the similarity path; the score head and all ranking stay fp32.
-
-    fp32: exact, cuDNN's GRU included (PyTorch lets cuDNN use TF32 by default, on Ampere and later GPUs).
-    tf32: TF32 tensor-core matmuls and cuDNN on CUDA (no effect on a CPU). bf16: autocast to bfloat16
-    (on CUDA, and on CPUs with bf16 support). The caller's settings come back afterwards.
-    """
-    if name not in PRECISIONS:
-        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)} (got {name!r})")
-    previous, previous_cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    if name == "tf32":
-        torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.allow_tf32 = name == "tf32"
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16"):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-        torch.backends.cudnn.allow_tf32 = previous_cudnn
-
-
-def release_freed_memory():
-    """Hand the memory the C allocator keeps after frees back to the OS (glibc's malloc_trim; a no-op where
-    it is missing). The encoders' batch buffers, freed after encoding, would otherwise stay in the process
-    beside the score matrix (COCO 5K with an embedding model: the peak was 1.08 GB, over two matrices)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def compute_sims(model, image_loader, caption_loader, shard_size=1000, device=None, blocks=None,
-                 precision_name="fp32"):
-    """The (n_img, n_cap) similarity matrix of a model, float32, in shards of images x captions.
-
-    Images and captions are encoded once; each shard of `shard_size` images x `shard_size` captions is
-    scored by model.similarity on `device` (default: GPU when present). With `blocks` (a list of
-    ((i0, i1), (c0, c1)) ranges), only those blocks are scored and a list of matrices is returned.
-    Inside an initialised torch.distributed group the shards are dealt out round robin and summed on
-    rank 0 (every other entry of a process's matrix is 0): rank 0 returns the result, other ranks None.
-    """
-    device = resolve_device(device)
-    rank, world = distributed.rank_and_world()
-    model.to(device).eval()
-    with precision(precision_name, device):
-        img_embs, captions = encode(model, image_loader, caption_loader, device)
-        release_freed_memory()
-        wanted = blocks if blocks is not None else [((0, len(img_embs)), (0, sum(len(c[2]) for c in captions)))]
-        pairs = sum((i1 - i0) * (c1 - c0) for (i0, i1), (c0, c1) in wanted)
-        with tqdm(total=pairs // world, desc="similarities", unit="pair", unit_scale=True,
-                  disable=None if rank == 0 else True) as bar:
-            out = [similarity_block(model, img_embs, captions, i, c, shard_size, device, bar, rank, world)
-                   for i, c in wanted]
-    if world > 1:
-        reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")  # nccl: CUDA tensors
-        for k, part in enumerate(out):
-            summed = torch.from_numpy(part).to(reduce_device)
-            dist.reduce(summed, dst=0, op=dist.ReduceOp.SUM)
-            out[k] = summed.cpu().numpy()
-        if rank != 0:
-            return None
-    return out if blocks is not None else out[0]
-
-
-def validate(model, image_loader, caption_loader, relevance, device=None, shard_size=1000, precision_name="fp32"):
-    """Dev-set R@K and ASP: score_matrix of the model's matrix; `relevance` a SemanticRelevance.
-
-    In a torch.distributed group every rank must call it (each scores a share of the matrix); rank 0
-    returns the scores, the others None.
-    """
-    sims = compute_sims(model, image_loader, caption_loader, shard_size, device, precision_name=precision_name)
-    return None if sims is None else score_matrix(sims, relevance.matrix())
-
-
-# ------------------------------------------------------------------------------------------------
-# Two-stage retrieval (--shortlist): a shortlist model picks each query's candidates, the main model
-# ranks them. Per query, its top k gallery items by the shortlist model come first, in the main
-# model's order; every other item follows in the shortlist model's order.
-
-
-def shortlist_masks(shortlist, k):
-    """The candidates of every query: two bool (n_img, n_cap) masks, i2t (each image row's top k captions)
-    and t2i (each caption column's top k images), by the shortlist scores `shortlist` (n_img, n_cap),
-    ties by lower index (pmrp_com.pmrp.topk_rows, the rule of --save_ranks). k >= the gallery: all."""
-    i2t_mask = np.zeros(shortlist.shape, dtype=bool)
-    np.put_along_axis(i2t_mask, topk_rows(shortlist, k), True, axis=1)
-    t2i_mask = np.zeros(shortlist.shape[::-1], dtype=bool)
-    np.put_along_axis(t2i_mask, topk_rows(shortlist.T, k), True, axis=1)
-    return i2t_mask, t2i_mask.T
-
-
-def two_stage_values(shortlist, scores, chosen):
-    """The two-stage ranking of each query row as values: float32 (n_q, n), higher ranks first.
-
-    shortlist (n_q, n): the shortlist model's scores; chosen (n_q, n) bool: each row's candidates, the
-    same number k in every row; scores (n_q, n): the main model's, read where chosen only (views fine).
-    Value of item c = the number of items ranked strictly below it: (n - k) + #{a chosen : scores[a] <
-    scores[c]} for a candidate, #{a : shortlist[a] < shortlist[c]} for any other (the candidates are
-    the row's top, none of them below it). Items tie exactly where the deciding model ties them, so R@K
-    and ASP of these values are those of the ranking; integers under 2^24, exact in float32.
-    """
-    n_q, n = shortlist.shape
-    k = int(chosen[0].sum()) if n_q else 0
-    values = np.empty((n_q, n), dtype=np.float32)
-    for rows in _chunks(n_q, n):
-        picked = np.ascontiguousarray(chosen[rows])
-        # 1 + #{a != c : x[a] >= x[c]} = half of _twice_ranks "last": n minus it = #{a : x[a] < x[c]}
-        below = n - _twice_ranks(np.ascontiguousarray(shortlist[rows]), "last") // 2
-        candidates = np.ascontiguousarray(scores[rows])[picked].reshape(-1, k)  # row by row, k each
-        below[picked] = (n - _twice_ranks(candidates, "last") // 2).ravel()  # (n - k) + (k - rank)
-        values[rows] = below
-    return values
-
-
-def pack_captions(captions):
-    """encode's caption batches as one tensor of real words: words (n_words, d), and per caption its
-    first word's row and its length, int64 (n_cap,) each."""
-    lengths = torch.cat([lens for _, _, lens in captions]).long()
-    words = torch.cat([embs[torch.arange(embs.shape[1]) < lens[:, None]] for _, embs, lens in captions])
-    return words, torch.cumsum(lengths, 0) - lengths, lengths
-
-
-def gather_captions(packed, ids):
-    """Captions `ids` (int64 (m,)) of pack_captions' `packed`, zero-padded to their longest: embeddings
-    (m, L, d) and lengths (m,), what _caption_slice gives for a range of captions."""
-    words, firsts, lengths = packed
-    ids = torch.as_tensor(ids)
-    lens = lengths[ids]
-    position = torch.arange(int(lens.max()))
-    real = position < lens[:, None]  # (m, L)
-    rows = torch.where(real, firsts[ids, None] + position, 0)
-    return torch.where(real[..., None], words[rows], 0.0), lens
-
-
-@torch.no_grad()
-def similarity_pairs(model, img_embs, packed, ranges, needed, shard_size, device, bar=None):
-    """Scores of the marked pairs only: a float32 (i1 - i0, c1 - c0) matrix per block, 0 where a pair is
-    not needed. img_embs (n_img, R, d) and `packed` captions (pack_captions) as encoded.
-
-    ranges: ((i0, i1), (c0, c1)) per block (as compute_sims' `blocks`); needed: bool, one per block.
-    In similarity_block's shards, a shard whose every pair is needed is scored in one call with the same
-    inputs as there (so a shortlist of the whole gallery gives plain evaluation's scores bit for bit);
-    then every image with needed pairs left is scored in one call with all the captions it needs.
-    """
-    def scores_of(images, ids):
-        embs, lengths = gather_captions(packed, ids)
-        return model.similarity(images.to(device), embs.to(device), lengths).float().cpu().numpy()
-
-    out = []
-    for ((i0, i1), (c0, c1)), need in zip(ranges, needed):
-        block, left = np.zeros(need.shape, dtype=np.float32), need.copy()
-        for a in range(0, i1 - i0, shard_size):
-            rows = slice(a, min(a + shard_size, i1 - i0))
-            for c in range(0, c1 - c0, shard_size):
-                cols = slice(c, min(c + shard_size, c1 - c0))
-                if need[rows, cols].all():
-                    block[rows, cols] = scores_of(img_embs[i0 + rows.start:i0 + rows.stop],
-                                                  c0 + np.arange(cols.start, cols.stop))
-                    left[rows, cols] = False
-                    if bar is not None:
-                        bar.update(block[rows, cols].size)
-            for i in range(rows.start, rows.stop):
-                columns = np.flatnonzero(left[i])
-                if len(columns):
-                    block[i, columns] = scores_of(img_embs[i0 + i:i0 + i + 1], c0 + columns)[0]
-                    if bar is not None:
-                        bar.update(len(columns))
-        out.append(block)
-    return out
-
-
-def score_pairs(model, image_loader, caption_loader, ranges, needed, shard_size=1000, device=None,
-                precision_name="fp32"):
-    """similarity_pairs of a model on the split: images and captions encoded once (as compute_sims)."""
-    device = resolve_device(device)
-    model.to(device).eval()
-    with precision(precision_name, device):
-        img_embs, captions = encode(model, image_loader, caption_loader, device)
-        packed = pack_captions(captions)
-        del captions  # the packed words replace the padded batches
-        with tqdm(total=int(sum(m.sum() for m in needed)), desc="shortlisted pairs", unit="pair", unit_scale=True,
-                  disable=None) as bar:
-            return similarity_pairs(model, img_embs, packed, ranges, needed, shard_size, device, bar)
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-
-
-def format_table(scores, title):
-    """The paper's table: R@1 R@5 R@10 medr meanr ASP per direction, and rsum."""
-    lines = [title, f"{'':6}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'medr':>7}{'meanr':>8}{'ASP':>7}"]
-    for d in ("i2t", "t2i"):
-        s = scores[d]
-        a = "-" if s["asp"] is None else f"{s['asp']:.1f}"
-        lines.append(f"{d:6}{s['r1']:7.1f}{s['r5']:7.1f}{s['r10']:7.1f}{s['medr']:7.1f}{s['meanr']:8.1f}{a:>7}")
-    lines.append(f"rsum {scores['rsum']:.1f}")
-    return "\n".join(lines)
+from pmrp_com.pmrp import topk_rankings, topk_rows  # noqa: F401
+from scoring import (PCME_SCORING, PCMEPP_SCORING, PRECISIONS, SCORING, ModelScores, SavedScores,  # noqa: F401
+                     compute_sims, encode, precision, release_freed_memory, resolve_device, score_pairs, score_streamed, shortlist_masks,
+                     similarity_block, similarity_pairs, two_stage_values, validate, write_streamed)
 
 
 def build_parser():
@@ -556,9 +103,73 @@ def build_parser():
                    help="two-stage retrieval: this checkpoint picks each query's --shortlist_k candidates, which "
                         "--model_path (and --model_path2) score and rank above all others")
     p.add_argument("--shortlist_k", type=int, default=None, help="candidates per query with --shortlist")
+    p.add_argument("--shortlist_index", default="exact", choices=ann_index.KINDS,
+                   help="how --shortlist finds each query's K candidates: exact (the shortlist model's whole rows), "
+                        "or a faiss index of its embeddings (hnsw, ivf; VSE and PCME shortlist models), whose "
+                        "recall of the exact top K the report gives")
     p.add_argument("--world_size", type=int, default=1,
                    help="score the matrix with K processes (one per GPU, or K CPU processes), gathered on rank 0")
+    p.add_argument("--stream", action="store_true",
+                   help="the same report computed chunk of query rows by chunk, never holding the (n_images, "
+                        "n_captions) matrix: memory bounded by chunk x gallery (a model's pairs are scored once "
+                        "per direction unless --save_sims writes them to disk first)")
+    p.add_argument("--max_matrix_gb", type=float, default=None,
+                   help="largest score matrix (GB) evaluated in memory; a larger one is streamed as with --stream "
+                        "(default: the memory available at start divided by the matrices the in-memory path "
+                        "holds: one per model or --sims file, their mean, the relevance)")
     return p
+
+
+def stream_conflicts(args):
+    """The options given that --stream cannot honour, each with why (empty: it can stream)."""
+    conflicts = []
+    if args.save_ranks:
+        conflicts.append("--save_ranks (it ranks the whole matrix in memory)")
+    if args.eccv:
+        conflicts.append("--eccv (the eccv_caption package takes the whole matrix)")
+    if args.shortlist:
+        conflicts.append("--shortlist (it ranks from the shortlist model's whole matrix)")
+    if args.world_size > 1 or distributed.launched_by_torchrun():
+        conflicts.append("--world_size / torchrun (they split a whole matrix between processes)")
+    return conflicts
+
+
+def available_gb():
+    """MemAvailable of /proc/meminfo in GB (2^30 bytes); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) / 2 ** 20 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def decide_streaming(args, model_paths, data_path, data_name):
+    """--max_matrix_gb: stream (set args.stream, and say so) when the matrix the in-memory path would hold
+    is larger, unless an option needs it whole (then say that it stays in memory)."""
+    if args.stream:
+        return
+    n_captions = len(data.used_captions(data.read_captions(data_path, data_name, args.split), args.split))
+    n_images = n_captions // CAPTIONS_PER_IMAGE
+    whole = not args.fold5 or bool(args.save_sims or args.save_ranks or args.eccv)
+    pairs = n_images * n_captions if whole else sum((hi - lo) * 5 * (hi - lo) for lo, hi in fold_bounds(n_images))
+    matrix_gb = 4 * pairs / 2 ** 30
+    limit = args.max_matrix_gb
+    if limit is None:
+        held = max(len(model_paths), len(args.sims)) + (max(len(model_paths), len(args.sims)) > 1) + 1
+        available = available_gb()
+        if available is None:
+            return
+        limit = available / held
+    if matrix_gb <= limit:
+        return
+    conflicts = stream_conflicts(args)
+    if conflicts:
+        print(f"the score matrix ({matrix_gb:.2f} GB) is over --max_matrix_gb {limit:.2f}, but {conflicts[0]}: "
+              f"evaluating in memory")
+        return
+    print(f"streaming: the ({n_images}, {n_captions}) score matrix would take {matrix_gb:.2f} GB, over "
+          f"--max_matrix_gb {limit:.2f}; the metrics are computed chunk of query rows by chunk (as --stream)")
+    args.stream = True
 
 
 def relevance_of_split(data_path, data_name, split):
@@ -616,19 +227,21 @@ def fold_ranges(n_images):
 
 
 def two_stage(args, model_paths):
-    """--shortlist: the shortlist model's matrix (or fold blocks), each query's top --shortlist_k
-    candidates in it, the main models' scores of those pairs (an SGRAF pair averaged as plain evaluation
-    does) and the two rankings as two_stage_values.
+    """--shortlist: the shortlist model's matrix (or fold blocks), each query's --shortlist_k candidates
+    (its top K in it, or an ANN index's, see shortlist_candidates), the main models' scores of those pairs
+    (an SGRAF pair averaged as plain evaluation does) and the two rankings as two_stage_values.
 
     Returns (i2t values, t2i values: one (n_img, n_cap) matrix each, or 5 fold blocks with --fold5; the
     t2i ones are transposed views), the main models' opts, data_path, dataset, the "shortlist" report.
     """
     started = time.perf_counter()
-    shortlist, shortlist_opt, _, dataset = model_sims(args, args.shortlist, whole=not args.fold5)
-    shortlist = shortlist if args.fold5 else [shortlist]
-    shortlist_seconds = time.perf_counter() - started
+    model, shortlist_opt, _, image_loader, caption_loader, dataset, device = load_for_scoring(args, args.shortlist)
     ranges = fold_ranges(dataset.n_images) if args.fold5 else [((0, dataset.n_images), (0, dataset.n_captions))]
-    masks = [shortlist_masks(block, args.shortlist_k) for block in shortlist]
+    shortlist, img_embs, captions = compute_sims(model, image_loader, caption_loader, args.shard_size, device,
+                                                 ranges, args.precision, keep_encoded=True)
+    masks, index_report = shortlist_candidates(args, shortlist_opt.module_name, shortlist, ranges, img_embs, captions)
+    del model, img_embs, captions
+    shortlist_seconds = time.perf_counter() - started
     needed = [i2t_mask | t2i_mask for i2t_mask, t2i_mask in masks]
     started = time.perf_counter()
     results, opts_used = [], []
@@ -643,6 +256,8 @@ def two_stage(args, model_paths):
               "pairs_scored": int(sum(m.sum() for m in needed)),
               "pairs_total": int(sum((i1 - i0) * (c1 - c0) for (i0, i1), (c0, c1) in ranges)),
               "shortlist_seconds": shortlist_seconds, "scoring_seconds": time.perf_counter() - started}
+    if index_report:
+        report["index"] = index_report
     print(f"shortlist {args.shortlist} ({shortlist_opt.module_name}): top {args.shortlist_k} per query, "
           f"{report['pairs_scored']:,} of {report['pairs_total']:,} pairs scored by each of {len(model_paths)} "
           f"model(s); shortlist {shortlist_seconds:.1f} s, scoring {report['scoring_seconds']:.1f} s")
@@ -650,6 +265,37 @@ def two_stage(args, model_paths):
     t2i_values = [two_stage_values(block.T, s.T, t2i_mask.T).T
                   for block, s, (_, t2i_mask) in zip(shortlist, scores, masks)]
     return i2t_values, t2i_values, opts_used, data_path, dataset, report
+
+
+def shortlist_candidates(args, module_name, shortlist, ranges, img_embs, captions):
+    """Each block's (i2t, t2i) candidate masks (scoring.shortlist_masks) and, for --shortlist_index hnsw|ivf,
+    the "index" report: its recall of the exact top K (ties by lower index) per direction, the seconds of
+    building its indexes and of searching them, and of the exact top K from the matrix (None for exact).
+
+    shortlist: the shortlist model's blocks of `ranges`; img_embs, captions: its encodings (one row per
+    item: ann_index.search_vectors)."""
+    k, kind = args.shortlist_k, args.shortlist_index
+    if kind == "exact":
+        return [shortlist_masks(block, k) for block in shortlist], None
+    started = time.perf_counter()
+    exact = [(topk_rows(block, k), topk_rows(block.T, k)) for block in shortlist]
+    exact_seconds = time.perf_counter() - started
+    (img_queries, cap_gallery), (cap_queries, img_gallery) = ann_index.search_vectors(
+        module_name, img_embs.numpy(), captions[0][1].numpy())
+    masks, hits, seconds, threads = [], {"i2t": [], "t2i": []}, np.zeros(2), torch.get_num_threads()
+    for block, ((i0, i1), (c0, c1)), (i2t_exact, t2i_exact) in zip(shortlist, ranges, exact):
+        i2t_ids, *i2t_s = ann_index.top_k(kind, img_queries[i0:i1], cap_gallery[c0:c1], k, threads)
+        t2i_ids, *t2i_s = ann_index.top_k(kind, cap_queries[c0:c1], img_gallery[i0:i1], k, threads)
+        seconds += np.add(i2t_s, t2i_s)  # (building, searching)
+        masks.append(shortlist_masks(block, k, (i2t_ids, t2i_ids)))
+        hits["i2t"].append((ann_index.recall(i2t_ids, i2t_exact), i2t_exact.size))
+        hits["t2i"].append((ann_index.recall(t2i_ids, t2i_exact), t2i_exact.size))
+    recall = {d: sum(r * n for r, n in v) / sum(n for _, n in v) for d, v in hits.items()}
+    print(f"--shortlist_index {kind}: recall of the exact top {k} i2t {recall['i2t']:.4f}, t2i {recall['t2i']:.4f}; "
+          f"index built in {seconds[0]:.2f} s, searched in {seconds[1]:.2f} s; exact top {k} from the matrix "
+          f"{exact_seconds:.2f} s")
+    return masks, {"kind": kind, "i2t_recall": recall["i2t"], "t2i_recall": recall["t2i"],
+                   "build_seconds": float(seconds[0]), "search_seconds": float(seconds[1]), "exact_seconds": exact_seconds}
 
 
 def save_ranks(sims, k, path):
@@ -741,7 +387,8 @@ def evaluate_spawned(args, argv):
 def check_before_scoring(args, model_paths):
     """What can be checked from the checkpoints' options and the caption files, before a matrix is scored
     (hours for COCO 5K): the dataset folder (with a suggestion for a near-miss name), an ensemble pair (two
-    models of different modules, e.g. SGR + SAF = SGRAF, of one dataset), and the split --eccv needs."""
+    models of different modules, e.g. SGR + SAF = SGRAF, of one dataset), and the split --eccv needs.
+    Returns the data path and name."""
     if model_paths:
         options = [checkpoint.load_checkpoint(path)["opt"] for path in model_paths]
         data_path, data_name = args.data_path or options[0].data_path, options[0].data_name
@@ -757,6 +404,7 @@ def check_before_scoring(args, model_paths):
     dataset_dir(data_path, data_name)
     if args.eccv:
         eccv_metrics(len(data.read_captions(data_path, data_name, args.split)), data_name, args.split)
+    return data_path, data_name
 
 
 def check_shortlist(args, model_paths):
@@ -804,12 +452,25 @@ def main(argv=None):
                              "the two directions from different candidates and scores only those")
         if args.world_size > 1 or distributed.launched_by_torchrun():
             raise InputError("--shortlist runs in one process (--world_size and torchrun split a full matrix)")
+        if args.shortlist_index != "exact":
+            module_name = checkpoint.load_checkpoint(args.shortlist)["opt"].module_name
+            if module_name not in ann_index.INDEXED_MODULES:
+                raise InputError(f"{args.shortlist}: --shortlist_index {args.shortlist_index} searches one embedding "
+                                 f"per item (VSE, PCME); a {module_name} model scores every pair with a network "
+                                 f"(use --shortlist_index exact)")
+    elif args.shortlist_index != "exact":
+        raise InputError("--shortlist_index picks the candidates of --shortlist: give --shortlist CKPT --shortlist_k K")
+    if args.max_matrix_gb is not None and not args.max_matrix_gb > 0:
+        raise InputError(f"--max_matrix_gb must be positive, got {args.max_matrix_gb}")
+    if args.stream and stream_conflicts(args):
+        raise InputError(f"--stream computes the metrics chunk by chunk and cannot give {stream_conflicts(args)[0]}")
     for output in (args.json, args.save_sims, args.save_ranks):
         if output:
             fileio.check_output(output)
-    check_before_scoring(args, model_paths)
+    data_path, data_name = check_before_scoring(args, model_paths)
     if args.shortlist:
         check_shortlist(args, model_paths)
+    decide_streaming(args, model_paths, data_path, data_name)
     threads = torch.get_num_threads()  # --threads is this evaluation's: an in-process caller keeps its own
     try:
         if distributed.launched_by_torchrun():
@@ -830,41 +491,51 @@ def main(argv=None):
 def evaluate(args, argv):
     """Everything main does once the processes are set up; ranks other than 0 return None."""
     model_paths = args.model_path + ([args.model_path2] if args.model_path2 else [])
-    relevance, t2i_sims, t2i_blocks, shortlist = None, None, None, None
-    if args.shortlist:
-        i2t_values, t2i_values, opts_used, data_path, dataset, shortlist = two_stage(args, model_paths)
-        data_name, relevance = opts_used[0].data_name, dataset.relevance
-        if args.fold5:
-            sims, blocks, t2i_blocks = None, i2t_values, t2i_values
-        else:
-            (sims,), (t2i_sims,), blocks = i2t_values, t2i_values, None
-    elif args.sims:
-        relevance, caps_path = relevance_of_split(args.data_path, args.data_name, args.split)
-        sims = fileio.load_sims(args.sims, relevance.n_captions, caps_path)
-        data_path, data_name, opts_used, blocks = args.data_path, args.data_name, None, None
+    relevance, t2i_sims, t2i_blocks, shortlist, sims = None, None, None, None, None
+    if args.stream:
+        folds, whole, opts_used, data_path, data_name, relevance = evaluate_streamed(args, model_paths)
     else:
-        # --fold5 alone scores only the five diagonal blocks; the rest of the matrix is never needed.
-        whole = not args.fold5 or bool(args.save_sims or args.save_ranks or args.eccv)
-        results, opts_used = [], []
-        for path in model_paths:
-            out, opt, data_path, dataset = model_sims(args, path, whole)
-            results.append(out)
-            opts_used.append(opt)
-        if distributed.rank_and_world()[0] != 0:
-            return None
-        data_name = opts_used[0].data_name
-        relevance = dataset.relevance
-        if whole:
-            sims = results[0] if len(results) == 1 else sum(results) / len(results)
-            blocks = None
+        if args.shortlist:
+            i2t_values, t2i_values, opts_used, data_path, dataset, shortlist = two_stage(args, model_paths)
+            data_name, relevance = opts_used[0].data_name, dataset.relevance
+            if args.fold5:
+                sims, blocks, t2i_blocks = None, i2t_values, t2i_values
+            else:
+                (sims,), (t2i_sims,), blocks = i2t_values, t2i_values, None
+        elif args.sims:
+            relevance, caps_path = relevance_of_split(args.data_path, args.data_name, args.split)
+            sims = fileio.load_sims(args.sims, relevance.n_captions, caps_path)
+            data_path, data_name, opts_used, blocks = args.data_path, args.data_name, None, None
         else:
-            sims = None
-            blocks = [sum(b) / len(b) for b in zip(*results)]
-    if args.save_sims:
-        fileio.save_npy(sims, args.save_sims)
-        print(f"saved the {sims.shape} similarity matrix to {args.save_sims}")
-    if args.save_ranks:
-        save_ranks(sims, args.topk, args.save_ranks)
+            # --fold5 alone scores only the five diagonal blocks; the rest of the matrix is never needed.
+            whole = not args.fold5 or bool(args.save_sims or args.save_ranks or args.eccv)
+            results, opts_used = [], []
+            for path in model_paths:
+                out, opt, data_path, dataset = model_sims(args, path, whole)
+                results.append(out)
+                opts_used.append(opt)
+            if distributed.rank_and_world()[0] != 0:
+                return None
+            data_name = opts_used[0].data_name
+            relevance = dataset.relevance
+            if whole:
+                sims = results[0] if len(results) == 1 else sum(results) / len(results)
+                blocks = None
+            else:
+                sims = None
+                blocks = [sum(b) / len(b) for b in zip(*results)]
+        if args.save_sims:
+            fileio.save_npy(sims, args.save_sims)
+            print(f"saved the {sims.shape} similarity matrix to {args.save_sims}")
+        if args.save_ranks:
+            save_ranks(sims, args.topk, args.save_ranks)
+        folds = whole = None
+        if args.fold5:
+            sems_blocks = [relevance.block(np.arange(lo, hi), np.arange(5 * lo, 5 * hi))
+                           for lo, hi in fold_bounds(relevance.n_images)]
+            folds = score_folds(fold_blocks(sims) if blocks is None else blocks, sems_blocks, t2i_blocks)
+        if sims is not None:
+            whole = score_matrix(sims, relevance.matrix(), t2i_sims)
 
     n_images = relevance.n_images
     report = {"split": args.split, "fold5": bool(args.fold5), "n_images": n_images,
@@ -873,16 +544,15 @@ def evaluate(args, argv):
     if scoring:
         report["pcme_scoring"] = "; ".join(scoring)
     if args.fold5:
-        sems_blocks = [relevance.block(np.arange(lo, hi), np.arange(5 * lo, 5 * hi)) for lo, hi in fold_bounds(n_images)]
-        report.update(score_folds(fold_blocks(sims) if blocks is None else blocks, sems_blocks, t2i_blocks))
+        report.update(folds)
         for f, s in enumerate(report["folds"]):
             print(format_table(s, f"{data_name} {args.split} fold {f}"))
         print(format_table(report, f"{data_name} {args.split}: mean of 5 folds (1K)"))
-        if sims is not None:
-            report["all"] = score_matrix(sims, relevance.matrix())
+        if whole is not None:
+            report["all"] = whole
             print(format_table(report["all"], f"{data_name} {args.split}: all {n_images} images"))
     else:
-        report.update(score_matrix(sims, relevance.matrix(), t2i_sims))
+        report.update(whole)
         print(format_table(report, f"{data_name} {args.split}: {n_images} images"))
     if shortlist:
         report["shortlist"] = shortlist
@@ -895,6 +565,46 @@ def evaluate(args, argv):
             opt=[vars(o) for o in opts_used] if opts_used else None, data_path=data_path, data_name=data_name)
         fileio.write_json(report, args.json)
     return report
+
+
+def evaluate_streamed(args, model_paths):
+    """--stream: the fold scores (metrics.mean_of_folds' dict, with --fold5) and the whole split's
+    (score_matrix's dict; with --fold5 only for --sims or --save_sims, where in memory the matrix is whole), computed
+    chunk of query rows by chunk (scoring.score_streamed), and opts_used, data_path, data_name, relevance.
+
+    Each model is encoded once and its chunks scored as they are needed; with --save_sims every score is
+    first written to the .npy (a memory map, chunk by chunk, renamed into place when complete) and the
+    metrics then read the saved file, so no pair is scored twice.
+    """
+    if args.sims:
+        relevance, caps_path = relevance_of_split(args.data_path, args.data_name, args.split)
+        scores = SavedScores(args.sims, relevance.n_captions, caps_path)
+        data_path, data_name, opts_used = args.data_path, args.data_name, None
+    else:
+        encoded, opts_used = [], []
+        for path in model_paths:
+            model, opt, data_path, image_loader, caption_loader, dataset, device = load_for_scoring(args, path)
+            model.to(device).eval()
+            with precision(args.precision, device):
+                img_embs, captions = encode(model, image_loader, caption_loader, device)
+            release_freed_memory()
+            encoded.append((model, img_embs, captions, device))
+            opts_used.append(opt)
+        scores = ModelScores(encoded, args.shard_size, args.precision)
+        data_name, relevance = opts_used[0].data_name, dataset.relevance
+    n_images, n_captions = scores.shape
+    whole_range = ((0, n_images), (0, n_captions))
+    if args.save_sims:
+        with fileio.open_npy_for_writing(args.save_sims, scores.shape, scores.dtype) as out:
+            write_streamed(scores, out)
+        print(f"saved the {scores.shape} similarity matrix to {args.save_sims}")
+        scores = SavedScores([args.save_sims])
+    folds = whole = None
+    if args.fold5:
+        folds = mean_of_folds([score_streamed(scores, relevance, *block) for block in fold_ranges(n_images)])
+    if not args.fold5 or args.save_sims or args.sims:  # in memory a whole matrix is scored "all" with the folds
+        whole = score_streamed(scores, relevance, *whole_range)
+    return folds, whole, opts_used, data_path, data_name, relevance
 
 
 if __name__ == "__main__":

@@ -131,14 +131,14 @@ def load_npy(path, what):
     return array
 
 
-def load_sims(paths, n_captions=None, captions_file=None):
-    """Load and average similarity matrices (.npy), checked: (n, 5n) float, finite, same shapes.
+def open_sims(paths, n_captions=None, captions_file=None):
+    """Similarity matrices (.npy) memory-mapped and checked for shape: (n, 5n), the same for all.
 
     With n_captions, the shape must be (n_captions / 5, n_captions) (the split's size, from
-    `captions_file`). A transposed matrix, NaN/inf, a file that is not .npy -> InputError naming it.
-    Returns float32, or float64 if any input is float64.
+    `captions_file`). A transposed matrix or a file that is not .npy -> InputError naming it. Nothing is
+    read yet: `sims_block` reads and checks the values of any block.
     """
-    total, shape = None, None
+    mats, shape = [], None
     for path in paths:
         mat = load_npy(path, "similarity matrix")
         if mat.ndim != 2:
@@ -157,13 +157,57 @@ def load_sims(paths, n_captions=None, captions_file=None):
         if shape is not None and mat.shape != shape:
             raise InputError(f"{path}: shape {mat.shape} differs from {paths[0]}'s {shape}")
         shape = mat.shape
-        mat = np.array(mat, dtype=np.float64 if mat.dtype == np.float64 else np.float32)
-        finite = np.isfinite(mat)
+        mats.append(mat)
+    return mats
+
+
+def sims_dtype(mats):
+    """The dtype of the average of `mats`: float64 if any is float64, else float32."""
+    return np.dtype(np.float64 if any(m.dtype == np.float64 for m in mats) else np.float32)
+
+
+def sims_block(mats, paths, rows=slice(None), cols=slice(None)):
+    """The average of block [rows, cols] (two slices) of open_sims' matrices, read into memory and checked
+    finite (NaN/inf -> InputError naming the file and the entry). Returns float32, or float64 if any
+    input is float64; each entry is the same whatever block it is read in."""
+    total = None
+    for path, mat in zip(paths, mats):
+        block = np.array(mat[rows, cols], dtype=np.float64 if mat.dtype == np.float64 else np.float32)
+        finite = np.isfinite(block)
         if not finite.all():
             r, c = np.argwhere(~finite)[0]
-            raise InputError(f"{path}: {int((~finite).sum())} entries are NaN or inf (first at [{r}, {c}])")
-        total = mat if total is None else total + mat
+            r, c = r + (rows.start or 0), c + (cols.start or 0)
+            raise InputError(f"{path}: {int((~finite).sum())} entries are NaN or inf in this block (first at "
+                             f"[{r}, {c}])" if (rows, cols) != (slice(None), slice(None)) else
+                             f"{path}: {int((~finite).sum())} entries are NaN or inf (first at [{r}, {c}])")
+        total = block if total is None else total + block
     return total if len(paths) == 1 else total / len(paths)
+
+
+def load_sims(paths, n_captions=None, captions_file=None):
+    """Load and average similarity matrices (.npy), checked: (n, 5n) float, finite, same shapes.
+
+    With n_captions, the shape must be (n_captions / 5, n_captions) (the split's size, from
+    `captions_file`). A transposed matrix, NaN/inf, a file that is not .npy -> InputError naming it.
+    Returns float32, or float64 if any input is float64.
+    """
+    return sims_block(open_sims(paths, n_captions, captions_file), paths)
+
+
+@contextlib.contextmanager
+def open_npy_for_writing(path, shape, dtype):
+    """A .npy file of `shape` and `dtype` memory-mapped for writing under a temporary name next to `path`
+    (np.lib.format.open_memmap): a context manager yielding the array, filled chunk by chunk by the caller
+    (a matrix larger than memory); on success it is flushed, synced and renamed to `path`, on failure
+    removed (see atomic_path)."""
+    with atomic_path(path) as tmp:
+        try:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        except OSError as err:
+            raise InputError(f"{path}: cannot be written ({err.strerror})") from None
+        yield array
+        array.flush()
+        del array
 
 
 def save_npy(array, path):

@@ -412,8 +412,32 @@ class EncoderSimilarity(nn.Module):
             raise ValueError(f"module_name must be SGR or SAF, not {module_name!r}")
         init_weights(self)
 
-    def forward(self, img_embs, cap_embs, lengths):
+    @staticmethod
+    def _zero_padding(cap_embs, lengths, zero_padded=False):
+        """cap_embs (n_c, L, d) with every padded word set to 0 (as it is when the caller says it is already:
+        zero_padded, no masking copy), and the word mask (n_c, L) bool on the CPU."""
+        L = cap_embs.shape[1]
+        lengths = torch.as_tensor(lengths).cpu()
+        if len(lengths) and (int(lengths.min()) < 1 or int(lengths.max()) > L):
+            raise ValueError(f"caption lengths must be in 1..{L}")
+        mask = torch.arange(L) < lengths[:, None]
+        return cap_embs if zero_padded else cap_embs.masked_fill(~mask.to(cap_embs.device).unsqueeze(2), 0), mask
+
+    def caption_globals(self, cap_embs, lengths):
+        """TextSA's global vector of each caption: (n_c, L, d), lengths (n_c,) -> (n_c, d), as `forward`
+        computes it for the same block (two-stage scoring computes it once per caption, see forward)."""
+        cap_embs, mask = self._zero_padding(cap_embs, lengths)
+        return self.t_global_w(cap_embs, mask.to(cap_embs.device))
+
+    def forward(self, img_embs, cap_embs, lengths, img_glo=None, cap_glo=None, zero_padded=False):
         """img_embs (n_i, R, d), cap_embs (n_c, L, d), lengths (n_c,) -> scores (n_i, n_c) in (0, 1).
+
+        img_glo (n_i, d), cap_glo (n_c, d): the items' global vectors (VisualSA / caption_globals) when the
+        caller has them already; in eval mode they depend on their item alone, so a pair scored with the
+        vectors of another call (two-stage scoring reuses each item's for all its pairs) scores the same.
+        None: computed here from this block (always so in training, where VisualSA's BatchNorm uses the
+        batch's statistics). zero_padded: the caller's cap_embs are 0 at every padded word already (no
+        masking copy of them).
 
         Captions are sorted by length and scored in chunks of at most `max_elements` (default: chunk_budget of
         the device) // (n_i d) words,
@@ -422,17 +446,17 @@ class EncoderSimilarity(nn.Module):
         known, so its chunks keep their alignment nodes until then (autograd keeps them anyway).
         """
         n_i, _, d = img_embs.shape
-        n_c, L, _ = cap_embs.shape
+        n_c = cap_embs.shape[0]
         lengths = torch.as_tensor(lengths).cpu()
-        if n_c and (int(lengths.min()) < 1 or int(lengths.max()) > L):
-            raise ValueError(f"caption lengths must be in 1..{L}")
-        mask = torch.arange(L) < lengths[:, None]
-        cap_embs = cap_embs.masked_fill(~mask.to(cap_embs.device).unsqueeze(2), 0)
-        img_glo = self.v_global_w(img_embs)  # (n_i, d)
-        cap_glo = self.t_global_w(cap_embs, mask.to(cap_embs.device))  # (n_c, d)
+        cap_embs, mask = self._zero_padding(cap_embs, lengths, zero_padded)
+        if img_glo is None:
+            img_glo = self.v_global_w(img_embs)  # (n_i, d)
+        if cap_glo is None:
+            cap_glo = self.t_global_w(cap_embs, mask.to(cap_embs.device))  # (n_c, d)
 
         order = torch.argsort(lengths, descending=True, stable=True)
         sorted_lengths = lengths[order].tolist()
+        presorted = bool((order == torch.arange(n_c)).all())  # chunks are then slices, not gathered copies
         saf_batch_stats = self.module_name == "SAF" and self.SAF_module.uses_batch_stats()
         if self.module_name == "SGR":  # folded once for all chunks when scoring (see GraphReasoning.forward)
             edge_weights = [None if torch.is_grad_enabled() else module.edge_weights() for module in self.SGR_module]
@@ -442,7 +466,8 @@ class EncoderSimilarity(nn.Module):
             width = sorted_lengths[start]  # the longest caption of the chunk
             stop = min(n_c, start + max(1, budget // max(1, n_i * width * d)))
             idx = order[start:stop].to(cap_embs.device)
-            nodes, node_mask = self._nodes(img_embs, img_glo, cap_embs[idx, :width],
+            words = cap_embs[start:stop, :width] if presorted else cap_embs[idx, :width]
+            nodes, node_mask = self._nodes(img_embs, img_glo, words,
                                            mask[order[start:stop], :width].to(cap_embs.device), cap_glo[idx])
             if saf_batch_stats:
                 pending.append((idx, nodes, node_mask, self.SAF_module.gate_logits(nodes)))
@@ -835,11 +860,14 @@ class SimilarityModel(nn.Module):
         words = self.txt_enc(captions, lengths)
         return self.sim_enc.embed_captions(words, lengths) if self.embedding else words
 
-    def similarity(self, img_embs, cap_embs, lengths):
-        """Encoded images and captions (any block of them; lengths (n_c,)) -> (n_i, n_c) scores."""
+    def similarity(self, img_embs, cap_embs, lengths, img_glo=None, cap_glo=None, zero_padded=False):
+        """Encoded images and captions (any block of them; lengths (n_c,)) -> (n_i, n_c) scores.
+
+        SGR/SAF: img_glo, cap_glo, the items' global vectors when known, zero_padded (see
+        EncoderSimilarity.forward)."""
         if self.embedding:
             return self.sim_enc(img_embs, cap_embs)
-        return self.sim_enc(img_embs, cap_embs, lengths)
+        return self.sim_enc(img_embs, cap_embs, lengths, img_glo, cap_glo, zero_padded)
 
     def forward(self, images, captions, lengths):
         """A batch of B images and their B captions -> (B, B) scores, rows images, columns captions.

@@ -84,16 +84,22 @@ def instance_codes(ann_path, image_ids, ids_name="the image id list"):
     return codes
 
 
-def plausibility_distances(codes):
-    """L1 distance between every pair of multi-hot codes (n, 90) -> int16 (n, n).
+def _packed(codes):
+    """Multi-hot codes (n, 90) as two 64-bit words each: uint64 (n, 2)."""
+    words = np.packbits(codes.astype(bool), axis=1, bitorder="little")  # (n, 12) bytes
+    return np.pad(words, ((0, 0), (0, 16 - words.shape[1]))).view(np.uint64)
+
+
+def plausibility_distances(codes, others=None):
+    """L1 distance between every pair of multi-hot codes (n, 90) (and `others` (m, 90)) -> int16 (n, n or m).
 
     For 0/1 vectors |a - b|_1 = popcount(a xor b): the codes are packed into two 64-bit words each.
     """
-    words = np.packbits(codes.astype(bool), axis=1, bitorder="little")  # (n, 12) bytes
-    words = np.pad(words, ((0, 0), (0, 16 - words.shape[1]))).view(np.uint64)  # (n, 2)
-    dist = np.zeros((len(codes), len(codes)), dtype=np.int16)
+    words = _packed(codes)
+    other_words = words if others is None else _packed(others)
+    dist = np.zeros((len(words), len(other_words)), dtype=np.int16)
     for w in range(words.shape[1]):
-        dist += np.bitwise_count(words[:, None, w] ^ words[None, :, w])
+        dist += np.bitwise_count(words[:, None, w] ^ other_words[None, :, w])
     return dist
 
 
@@ -141,25 +147,54 @@ def topk_rankings(sims, k):
     return (i2t_idx, np.take_along_axis(sims, i2t_idx, axis=1), t2i_idx, np.take_along_axis(sims.T, t2i_idx, axis=1))
 
 
+def _plausible_counts(dist_rows, copies, max_thres):
+    """R of the query images whose distance rows are dist_rows (b, n + 1) at every threshold: int64
+    (max_thres, b), from how many gallery items each image has (`copies` (n + 1,): 5 captions or 1 image,
+    0 for a left-out one) rather than counted over every chunk's (b, n_g) distances: one product per
+    threshold (float32 holds these counts exactly, in any order of summation)."""
+    return np.stack([(dist_rows <= t).astype(np.float32) @ copies for t in range(max_thres)]).astype(np.int64)
+
+
+def _rprecision_rows(block, dists, R, max_thres):
+    """R-precision and R@1 of chunk query rows at thresholds 0..max_thres-1: two float64 (max_thres, b).
+
+    block (b, n_g): the queries' scores, a copy whose left-out gallery items are -inf (they never enter a
+    top R; inputs are finite); dists (b, n_g): distance of each query's image to each gallery item's
+    (a left-out item's: more than any threshold); R (max_thres, b): plausible items per query.
+
+    No ranking: the R-th largest score v of each row comes from a partition and a sort of the largest
+    values only, the top R are top_mask(v, R), and the hits are counted in it; the top item is the first
+    maximum (np.argmax), rank 1 under ties by lower index.
+    """
+    b, n_g = block.shape
+    picks = np.arange(b)
+    top = np.argmax(block, axis=1)
+    rp, r1 = np.empty((max_thres, b)), np.empty((max_thres, b))
+    # The R-th largest score for every R up to the chunk's largest R (that of the last threshold):
+    # partition off the top K values and sort only those (a full sort when K is large).
+    K = int(R[-1].max())
+    largest = np.partition(block, n_g - K, axis=1)[:, n_g - K:] if K < n_g // 2 else block
+    largest = np.sort(largest, axis=1)  # ascending; the R-th largest is at [-R]
+    for t in range(max_thres):
+        plausible = dists <= t
+        v = largest[picks, largest.shape[1] - R[t]][:, None]
+        rp[t] = np.count_nonzero(top_mask(block, v, R[t]) & plausible, axis=1) / R[t]
+        r1[t] = plausible[picks, top]
+    return rp, r1
+
+
 def _rprecision(scores, queries, query_image, gallery_image, dist, max_thres):
     """R-precision and R@1 of the query rows `queries` of `scores` (n, n_g) at thresholds 0..max_thres-1.
 
     query_image (len(queries),) and gallery_image (n_g,) index rows/columns of `dist`; gallery items
     to leave out (images without instances) have gallery_image == -1, which `dist` maps to a distance
-    no threshold reaches, and their scores are set to -inf so that they never enter a top R (inputs
-    are finite). `scores` may be a transposed view. Returns two float64 (max_thres, len(queries)).
-
-    No ranking: with R plausible items, the R-th largest score v of each row comes from a partition and
-    a sort of the largest values only, the top R are top_mask(v, R), and the hits are counted in it;
-    the top item is the first maximum (np.argmax), rank 1 under ties by lower index.
+    no threshold reaches. `scores` may be a transposed view. Returns two float64 (max_thres, len(queries)),
+    chunk of rows by chunk (_rprecision_rows).
     """
     n_q, n_g = len(queries), scores.shape[1]
     left_out = gallery_image < 0
-    # R of every query image at every threshold, (max_thres, n + 1), from the image distances and how many
-    # gallery items each image has (5 captions or 1 image) rather than counted over every chunk's (b, n_g)
-    # distances: one product (float32 holds these counts exactly) of an (n + 1)^2 mask per threshold.
     copies = np.bincount(gallery_image[~left_out], minlength=len(dist)).astype(np.float32)
-    plausible_count = np.stack([(dist <= t).astype(np.float32) @ copies for t in range(max_thres)]).astype(np.int64)
+    plausible_count = _plausible_counts(dist, copies, max_thres)  # (max_thres, n + 1)
     rp = np.empty((max_thres, n_q))
     r1 = np.empty((max_thres, n_q))
     step = max(1, CHUNK_ELEMENTS // max(1, n_g))
@@ -167,21 +202,51 @@ def _rprecision(scores, queries, query_image, gallery_image, dist, max_thres):
         rows = slice(start, min(start + step, n_q))
         block = np.array(scores[queries[rows]], dtype=scores.dtype, order="C")  # (b, n_g) copy
         block[:, left_out] = -np.inf
-        picks = np.arange(block.shape[0])
-        top = np.argmax(block, axis=1)
         dists = np.take(dist[query_image[rows]], gallery_image, axis=1)  # (b, n_g)
-        R = plausible_count[:, query_image[rows]]  # (max_thres, b)
-        # The R-th largest score for every R up to the chunk's largest R (that of the last threshold):
-        # partition off the top K values and sort only those (a full sort when K is large).
-        K = int(R[-1].max())
-        largest = np.partition(block, n_g - K, axis=1)[:, n_g - K:] if K < n_g // 2 else block
-        largest = np.sort(largest, axis=1)  # ascending; the R-th largest is at [-R]
-        for t in range(max_thres):
-            plausible = dists <= t
-            v = largest[picks, largest.shape[1] - R[t]][:, None]
-            rp[t, rows] = np.count_nonzero(top_mask(block, v, R[t]) & plausible, axis=1) / R[t]
-            r1[t, rows] = plausible[picks, top]
+        rp[:, rows], r1[:, rows] = _rprecision_rows(block, dists, plausible_count[:, query_image[rows]], max_thres)
     return rp, r1
+
+
+class StreamedPMRP:
+    """PMRP of one block (the whole split, or a fold) from chunks of its query rows as a streamed evaluation
+    scores them, never the matrix nor the (n, n) image distances: add("i2t", first image, rows of S
+    (b, 5n)) and add("t2i", first caption, rows of S^T (b, n)), each direction's chunks in query order, then
+    result(). codes (n, 90): the block's images' codes. The same numbers as pmrp_scores(n_fold=0) on the
+    block: the same per-chunk code (_rprecision_rows), the distances and R of each chunk's queries computed
+    from their codes."""
+
+    def __init__(self, codes, max_thres=3):
+        if not codes.any():
+            raise InputError("no image of the split has an instance annotation")
+        self.codes, self.max_thres, n = codes, max_thres, len(codes)
+        image = np.where(codes.any(1), np.arange(n), -1)  # index of each image, -1 = dropped
+        caption_image = np.repeat(image, 5)
+        self.sides = {"i2t": (image, caption_image), "t2i": (caption_image, image)}  # (query image, gallery image)
+        self.parts = {"i2t": [], "t2i": []}
+        self.copies = {d: np.bincount(g[g >= 0], minlength=n + 1).astype(np.float32) for d, (_, g) in self.sides.items()}
+
+    def add(self, direction, first, rows):
+        query_image, gallery_image = self.sides[direction]
+        n, n_g = len(self.codes), rows.shape[1]
+        step = max(1, CHUNK_ELEMENTS // max(1, n_g))
+        for start in range(0, len(rows), step):
+            ids = first + np.arange(start, min(start + step, len(rows)))
+            kept = query_image[ids] >= 0
+            images = query_image[ids[kept]]
+            if not len(images):
+                continue
+            block = np.array(rows[start:start + step][kept], dtype=rows.dtype, order="C")
+            block[:, gallery_image < 0] = -np.inf
+            dist_rows = np.full((len(images), n + 1), np.iinfo(np.int16).max, dtype=np.int16)  # column n: left out
+            dist_rows[:, :n] = plausibility_distances(self.codes[images], self.codes)
+            R = _plausible_counts(dist_rows, self.copies[direction], self.max_thres)
+            self.parts[direction].append(_rprecision_rows(block, np.take(dist_rows, gallery_image, axis=1), R,
+                                                          self.max_thres))
+
+    def result(self):
+        """{"i2t": {"pmrp", "pmr1", "pmrp_thres"}, "t2i": {...}} of the chunks added."""
+        return {d: _summary(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1))
+                for d, parts in self.parts.items()}
 
 
 def _summary(rp, r1):

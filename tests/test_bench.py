@@ -51,3 +51,16 @@ def test_similarity_flops_are_the_products_torch_counts(module_name, monkeypatch
         sim_enc(torch.rand(3, 36, 32), torch.rand(4, 5, 32), lengths)
     uncounted = 2 * dims[3] * sgr_step if module_name == "SGR" else 0  # b_q . b_k per step: aten.dot, not counted
     assert bench.similarity_flops(3, lengths, dims, module_name, sgr_step) == counter.get_total_flops() + uncounted
+
+
+def test_large_gallery_case_at_a_small_size(tmp_path):
+    """tools.bench --cases large_gallery (not among the default cases) at 10 and 50 images: two rows, the
+    streamed metrics equal the in-memory ones at the small size, the time split and the target line present."""
+    out = tmp_path / "bench.md"
+    rows = bench.main(["--quick", "--cases", "large_gallery", "--large_images", "50", "--out", str(out)])
+    assert [r["size"].split(" images")[0] for r in rows] == ["10", "50"]
+    assert rows[0]["diff"] == 0.0 and rows[1]["diff"] is None and rows[1]["extrapolated"]
+    assert set(rows[1]["timers"]) == {"encoding", "products", "relevance rows", "ranking", "PMRP"}
+    assert set(rows[1]["index"]) == {"hnsw", "ivf"} and all(0 < v[0] <= 1 and 0 < v[1] <= 1 for v in rows[1]["index"].values())
+    assert "every metric exact" in out.read_text(encoding="utf-8")
+    assert "large_gallery" not in bench.CASES  # the default run stays as it was

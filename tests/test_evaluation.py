@@ -8,6 +8,7 @@ import pytest
 
 import errors
 import evaluation
+import metrics
 from tools.baselines.asp_sort import asp_loop, asp_sort
 from tools.baselines.tfidf_dense import relevance_dense
 from model import SimilarityModel
@@ -51,7 +52,7 @@ def assert_scores(report, expected):
 @pytest.mark.parametrize("seed,levels,n", [(0, 3, 9), (1, 1000, 8), (2, 2, 9), (3, 4, 8)])
 def test_recall_and_asp_against_loops(seed, levels, n, monkeypatch):
     """Odd and even numbers of queries (9 images and 45 captions; 8 and 40): the median needs its floor."""
-    monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", 50)  # many uneven chunks
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 50)  # many uneven chunks
     rng = np.random.default_rng(seed)
     S = rng.integers(0, levels, (n, 5 * n)).astype(np.float32)  # few levels: many ties
     M = rng.integers(0, 3, (n, 5 * n)).astype(np.float32)

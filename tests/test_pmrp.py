@@ -161,3 +161,26 @@ def test_transposed_message(pmrp_case, capsys, tmp_path):
             "--ann_root", str(pmrp_case["ann_root"])]
     assert errors.run(pmrp_evaluation.main, argv) == 2
     assert "transposed" in capsys.readouterr().err
+
+
+def test_streamed_pmrp_equals_pmrp_scores():
+    """StreamedPMRP from uneven chunks of query rows (i2t image rows, t2i caption rows), some images without
+    instances, tied scores: exactly pmrp_scores' numbers, whole split and each fold."""
+    from layout import fold_bounds
+    from pmrp_com.pmrp import StreamedPMRP, pmrp_scores
+
+    rng = np.random.default_rng(21)
+    n = 30
+    codes = (rng.random((n, 90)) < 0.04).astype(np.uint8)
+    codes[[3, 17]] = 0
+    sims = rng.integers(0, 6, (n, 5 * n)).astype(np.float32)
+    for lo, hi in [(0, n)] + fold_bounds(n):
+        block = sims[lo:hi, 5 * lo:5 * hi]
+        streamed = StreamedPMRP(codes[lo:hi])
+        cuts = sorted({0, hi - lo, *rng.integers(1, hi - lo, 3).tolist()})
+        for a, b in zip(cuts, cuts[1:]):
+            streamed.add("i2t", a, block[a:b])
+        for a in range(0, 5 * (hi - lo), 7):
+            streamed.add("t2i", a, block[:, a:a + 7].T)
+        expected = pmrp_scores(block, codes[lo:hi], n_fold=0)
+        assert streamed.result() == {"i2t": expected["i2t"], "t2i": expected["t2i"]}

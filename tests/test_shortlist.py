@@ -10,18 +10,22 @@ import pytest
 import checkpoint
 import errors
 import evaluation
+import metrics
+import scoring
 from daa_loss import SemanticRelevance
 from tests.test_evaluation import KEYS, _expect_error, _tiny_checkpoint, assert_scores, brute_ranks, brute_summary
 from tools.baselines.asp_sort import asp_loop
 
 
-def brute_two_stage(shortlist, scores, k):
+def brute_two_stage(shortlist, scores, k, chosen=None):
     """Each query row's two-stage ranking as values (n_q, n): the row's top k by `shortlist` (a stable sort:
-    ties by lower index) keyed (1, main score), every other item (0, shortlist score); a value is the
-    key's place among the row's distinct keys, so equal keys tie and order is the keys' order."""
+    ties by lower index; or the row's True items of `chosen`) keyed (1, main score), every other item
+    (0, shortlist score); a value is the key's place among the row's distinct keys, so equal keys tie and
+    order is the keys' order."""
     values = np.empty(shortlist.shape)
     for q in range(shortlist.shape[0]):
-        candidates = set(np.argsort(-shortlist[q], kind="stable")[:k].tolist())
+        candidates = set(np.argsort(-shortlist[q], kind="stable")[:k].tolist()) if chosen is None \
+            else set(np.flatnonzero(chosen[q]).tolist())
         keys = [(1, scores[q, c]) if c in candidates else (0, shortlist[q, c]) for c in range(shortlist.shape[1])]
         place = {key: rank for rank, key in enumerate(sorted(set(keys)))}
         values[q] = [place[key] for key in keys]
@@ -50,7 +54,7 @@ def test_two_stage_values_against_sorting(seed, levels, k, monkeypatch):
     """Few score levels: ties in the shortlist (which candidates, and the order of the rest) and among the
     candidates' main scores (they must stay ties); k = 40 is the whole gallery of a t2i query and of an
     i2t one. Every value of the metrics against the restatement's loops."""
-    monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", 60)  # several uneven chunks of rows
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 60)  # several uneven chunks of rows
     rng = np.random.default_rng(seed)
     shortlist = rng.integers(0, levels, (8, 40)).astype(np.float32)
     scores = rng.integers(0, levels, (8, 40)).astype(np.float32)
@@ -170,3 +174,192 @@ def test_shortlist_bad_inputs(synth, models, tmp_path, capsys):
     other_vocab = _altered_checkpoint(models["shortlist"], str(tmp_path / "vocab.pth.tar"), vocab=word2idx)
     argv = _argv(synth, *main, "--shortlist", other_vocab, "--shortlist_k", "5")[2:]  # no --vocab_path: their own
     _expect_error(capsys, argv, out, other_vocab, "vocabulary")
+
+
+# ------------------------------------------------------------------------------------------------
+# Any module as the main model, per-fold shortlists, each item's work done once, ANN candidates
+
+
+def test_two_stage_values_of_any_candidates():
+    """Candidates that are not the row's top (an ANN index's), a different number per row, ties in both
+    models: the ranking keeps them first in the main model's order, the rest in the shortlist's."""
+    rng = np.random.default_rng(12)
+    shortlist = rng.integers(0, 4, (6, 30)).astype(np.float32)
+    scores = rng.integers(0, 4, (6, 30)).astype(np.float32)
+    chosen = rng.random((6, 30)) < np.linspace(0.05, 0.6, 6)[:, None]
+    values = evaluation.two_stage_values(shortlist, scores, chosen)
+    expected = brute_two_stage(shortlist, scores, None, chosen)
+    for q in range(6):  # the same order and ties: equal where the brute values are equal, ordered alike
+        assert (np.sign(values[q][:, None] - values[q][None, :]) ==
+                np.sign(expected[q][:, None] - expected[q][None, :])).all()
+
+
+@pytest.fixture(scope="module")
+def any_main(synth, tmp_path_factory):
+    """One tiny checkpoint of every module, and another VSE as the shortlist model."""
+    d = tmp_path_factory.mktemp("any_main")
+    ckpts = {m: _tiny_checkpoint(synth, str(d / f"{m}.pth.tar"), m, seed) for seed, m in enumerate(("SGR", "SAF", "VSE",
+                                                                                                     "PCME"))}
+    ckpts["shortlist"] = _tiny_checkpoint(synth, str(d / "shortlist.pth.tar"), "VSE", 7)
+    return ckpts
+
+
+def _as_shortlisted(synth, paths, S, L, k, shard_size, folds=False):
+    """S with the shortlisted pairs' entries replaced by the main models' scores as two-stage retrieval scores
+    them (scoring.score_pairs, averaged over `paths`), checked within 1e-6 of S: a candidate scored alone
+    can differ from the full matrix in the last bit, which could reorder two near-tied candidates of these
+    untrained models in a brute-force comparison on S itself."""
+    import checkpoint
+    import data
+    import torch
+    import vocab as vocab_lib
+    from model import SimilarityModel
+
+    vocab = vocab_lib.deserialize_vocab(os.path.join(synth.vocab_path, "coco_precomp_vocab.json"))
+    n = S.shape[0]
+    ranges = evaluation.fold_ranges(n) if folds else [((0, n), (0, 5 * n))]
+    needed = []
+    for (i0, i1), (c0, c1) in ranges:
+        i2t_mask, t2i_mask = evaluation.shortlist_masks(L[i0:i1, c0:c1], k)
+        needed.append(i2t_mask | t2i_mask)
+    results = []
+    for path in paths:
+        model = SimilarityModel.from_checkpoint(checkpoint.load_checkpoint(path), path, len(vocab))
+        images, captions, _ = data.get_eval_loaders(synth.data_path, "coco_precomp", "testall", vocab, 32, 0)
+        results.append(evaluation.score_pairs(model, images, captions, ranges, needed, shard_size, torch.device("cpu")))
+    out = S.copy()
+    for ((i0, i1), (c0, c1)), need, blocks in zip(ranges, needed, zip(*results)):
+        pairs = sum(blocks) / len(blocks)
+        np.testing.assert_allclose(pairs[need], S[i0:i1, c0:c1][need], rtol=0, atol=1e-6)
+        out[i0:i1, c0:c1][need] = pairs[need]
+    return out
+
+
+@pytest.mark.parametrize("module", ["SGR", "SAF", "VSE", "PCME"])
+def test_every_module_as_main_model(synth, any_main, tmp_path, one_thread, module):
+    """K = 5 on the whole testall against the loops on the full matrices; K = the gallery = plain evaluation."""
+    main = ["--model_path", any_main[module]]
+    plain = _run(synth, tmp_path, *main, "--save_sims", str(tmp_path / "main.npy"))
+    _run(synth, tmp_path, "--model_path", any_main["shortlist"], "--save_sims", str(tmp_path / "short.npy"))
+    S, L = np.load(tmp_path / "main.npy"), np.load(tmp_path / "short.npy")
+    S = _as_shortlisted(synth, [any_main[module]], S, L, 5, 40)
+    report = _run(synth, tmp_path, *main, "--shortlist", any_main["shortlist"], "--shortlist_k", "5")
+    captions = open(os.path.join(synth.coco_root, "testall_caps.txt"), encoding="utf-8").read().splitlines()
+    assert_scores(report, brute_report(L, S, SemanticRelevance(captions).matrix(), 5))
+    whole = _run(synth, tmp_path, *main, "--shortlist", any_main["shortlist"], "--shortlist_k", str(S.shape[1]))
+    for key in set(plain) - {"provenance"}:
+        assert whole[key] == plain[key], key
+    assert ("pcme_scoring" in report) == (module == "PCME")
+
+
+def test_fold5_small_shortlist_against_brute_force_per_fold(synth, any_main, tmp_path, one_thread):
+    """--fold5 with K = 3 below a fold's gallery (10 images, 50 captions): each fold against the loops on its
+    block of the full matrices (the fold's images and captions offset into the split), an SGRAF pair."""
+    main = ["--model_path", any_main["SGR"], "--model_path2", any_main["SAF"], "--shard_size", "1000"]
+    _run(synth, tmp_path, *main, "--save_sims", str(tmp_path / "main.npy"))
+    _run(synth, tmp_path, "--model_path", any_main["shortlist"], "--save_sims", str(tmp_path / "short.npy"),
+         "--shard_size", "1000")
+    S, L = np.load(tmp_path / "main.npy"), np.load(tmp_path / "short.npy")
+    S = _as_shortlisted(synth, [any_main["SGR"], any_main["SAF"]], S, L, 3, 1000, folds=True)
+    report = _run(synth, tmp_path, *main, "--fold5", "--shortlist", any_main["shortlist"], "--shortlist_k", "3")
+    captions = open(os.path.join(synth.coco_root, "testall_caps.txt"), encoding="utf-8").read().splitlines()
+    M = SemanticRelevance(captions).matrix()
+    assert len(report["folds"]) == 5
+    pairs = 0
+    for f, fold in enumerate(report["folds"]):
+        block = np.s_[10 * f:10 * f + 10, 50 * f:50 * f + 50]
+        assert_scores(fold, brute_report(L[block], S[block], M[block], 3))
+        pairs += brute_pairs(L[block], 3)
+    assert report["shortlist"]["pairs_scored"] == pairs and report["shortlist"]["pairs_total"] == 5 * 10 * 50
+
+
+@pytest.mark.parametrize("module", ["SGR", "SAF", "VSE", "PCME"])
+def test_reused_item_state_scores_as_todays_pairs(synth, any_main, module):
+    """EncodedSplit (each item's encoding and SGR/SAF global vectors computed once) against a model call on
+    the same pairs that recomputes them (what shortlisted pairs cost before): per image, 7 random captions;
+    a whole shard bit for bit against similarity_block."""
+    import checkpoint
+    import data
+    import torch
+    import vocab as vocab_lib
+    from model import SimilarityModel
+
+    vocab = vocab_lib.deserialize_vocab(os.path.join(synth.vocab_path, "coco_precomp_vocab.json"))
+    path = any_main[module]
+    model = SimilarityModel.from_checkpoint(checkpoint.load_checkpoint(path), path, len(vocab))
+    images, captions, _ = data.get_eval_loaders(synth.data_path, "coco_precomp", "testall", vocab, 32, 0)
+    device = torch.device("cpu")
+    img_embs, caps = evaluation.encode(model, images, captions, device)
+    split = scoring.EncodedSplit(model, img_embs, caps, 20, device)
+    rng = np.random.default_rng(3)
+    with torch.no_grad():
+        for i in range(0, 50, 7):
+            ids = rng.choice(250, 7, replace=False)
+            embs, lengths = split.captions(ids)
+            today = model.similarity(img_embs[i:i + 1], embs, lengths).numpy()  # globals recomputed in the call
+            np.testing.assert_allclose(split.scores(i, i + 1, ids), today, rtol=0, atol=1e-6)
+    shard = evaluation.similarity_block(model, img_embs, caps, (20, 40), (40, 60), 20, device)
+    np.testing.assert_array_equal(split.scores(20, 40, np.arange(40, 60)), shard)
+
+
+def test_augmented_vectors_give_the_distance_scores():
+    """[a, 1, -(|a|^2 + u)] . [2b, -(|b|^2 + v), 1] = -|a - b|^2 - u - v, and a PCME model's search vectors
+    rank as its eval scores (sigmoid(-s |mu_i - mu_c| + b) of the means)."""
+    import ann_index
+    import torch
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(7, 6)), rng.normal(size=(11, 6))
+    u, v = rng.random(7), rng.random(11)
+    q, g = ann_index.augment(a, u, b, v)
+    assert q.shape == (7, 8) and g.shape == (11, 8)
+    expected = -((a[:, None] - b[None]) ** 2).sum(-1) - u[:, None] - v[None, :]
+    np.testing.assert_allclose(q.astype(np.float64) @ g.T.astype(np.float64), expected, rtol=1e-5, atol=1e-5)
+    from model import PCMEHead
+    torch.manual_seed(0)
+    head = PCMEHead(6).eval()
+    img, cap = head.embed_images(torch.randn(5, 4, 6)), head.embed_captions(torch.randn(9, 3, 6), torch.tensor([3] * 9))
+    with torch.no_grad():
+        S = head(img, cap).numpy()
+        (iq, cg), (cq, ig) = ann_index.search_vectors("PCME", img.numpy(), cap.numpy())
+        distance = np.sqrt(np.maximum(-(iq @ cg.T), 0) + 1e-6)
+        np.testing.assert_allclose(torch.sigmoid(head.shift - head.log_scale.exp() * torch.from_numpy(distance)).numpy(),
+                                   S, atol=1e-5)
+        np.testing.assert_allclose(cq @ ig.T, (iq @ cg.T).T, atol=1e-5)  # t2i: the same scores, transposed
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_index_recall_on_small_data(synth, any_main, tmp_path, one_thread, kind):
+    """--shortlist_index on 50 x 250: the report gives the recall of the exact top K and the times; where the
+    index found every exact candidate the metrics are the exact shortlist's; K = the gallery = plain."""
+    main = ["--model_path", any_main["SGR"], "--shortlist", any_main["shortlist"]]
+    exact = _run(synth, tmp_path, *main, "--shortlist_k", "5")
+    indexed = _run(synth, tmp_path, *main, "--shortlist_k", "5", "--shortlist_index", kind)
+    info = indexed["shortlist"]["index"]
+    assert info["kind"] == kind and 0 < info["i2t_recall"] <= 1 and 0 < info["t2i_recall"] <= 1
+    assert info["build_seconds"] > 0 and info["search_seconds"] > 0 and info["exact_seconds"] > 0
+    assert "index" not in exact["shortlist"]
+    if kind == "hnsw":  # a graph over 50 or 250 points searched with ef = 256 visits all of them; a caption the
+        # split holds twice ties with its copy, and the index may return either (exact top K: the lower index)
+        assert info["i2t_recall"] >= 0.99 and info["t2i_recall"] >= 0.99
+    if info["i2t_recall"] == info["t2i_recall"] == 1.0:
+        for d in ("i2t", "t2i"):
+            assert indexed[d] == exact[d]
+    whole = _run(synth, tmp_path, *main, "--shortlist_k", "250", "--shortlist_index", kind)
+    plain = _run(synth, tmp_path, "--model_path", any_main["SGR"])
+    assert whole["shortlist"]["index"]["i2t_recall"] == whole["shortlist"]["index"]["t2i_recall"] == 1.0
+    for d in ("i2t", "t2i"):
+        assert whole[d] == plain[d]
+
+
+def test_shortlist_index_bad_inputs(synth, any_main, tmp_path, capsys):
+    """An index over a model without one embedding per item, an index without --shortlist: one line, exit 2."""
+    out = tmp_path / "never.json"
+    main = ["--model_path", any_main["SGR"], "--json", str(out)]
+    _expect_error(capsys, _argv(synth, *main, "--shortlist", any_main["SAF"], "--shortlist_k", "5",
+                                "--shortlist_index", "hnsw"), out, any_main["SAF"], "--shortlist_index")
+    _expect_error(capsys, _argv(synth, *main, "--shortlist_index", "ivf"), out, "--shortlist_index")
+    _expect_error(capsys, _argv(synth, *main, "--shortlist", any_main["shortlist"], "--shortlist_k", "5",
+                                "--shortlist_index", "flat"), out, "--shortlist_index")
+    _expect_error(capsys, _argv(synth, *main, "--shortlist", any_main["shortlist"], "--shortlist_k", "0",
+                                "--shortlist_index", "hnsw"), out, "--shortlist_k")

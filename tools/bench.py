@@ -99,10 +99,12 @@ import threadpoolctl
 import torch
 import torch.nn as nn
 
+import ann_index
 import errors
 import evaluation
 import fileio
 import np2h
+import scoring
 from tools.baselines.asp_sort import asp_sort
 from tools.baselines.daa_direct import daa_loss_direct
 from tools.baselines.pmrp_dict import pmrp_dict
@@ -112,9 +114,12 @@ from daa_loss import DAALoss, SemanticRelevance, contrastive_loss
 from errors import InputError
 from layout import REGIONS
 from model import SimilarityModel
-from pmrp_com.pmrp import pmrp_scores
+from pmrp_com.pmrp import StreamedPMRP, pmrp_scores, topk_rows
 
 CASES = ("similarity", "train", "daa", "asp", "pmrp", "tfidf", "embedding", "np2h", "shortlist")
+EXTRA_CASES = ("large_gallery",)  # run only when named in --cases (the full size runs for many minutes)
+LARGE_GALLERY_IMAGES = 25000  # 5x COCO 5K each way: 25,000 images x 125,000 captions
+ANN_K = 100  # the large_gallery case's ANN rows: recall of each query's exact top 100
 REPEAT_UNDER_S = 1.0  # runs shorter than this are repeated (best of MAX_RUNS)
 MAX_RUNS = 3  # 1 with --quick, a smoke run
 COCO_TRAIN_IMAGES = 113287  # (113,287, 36, 2048) float32 = 31.1 GB (MB and GB here are 2^20 and 2^30 bytes)
@@ -642,7 +647,7 @@ def bench_embedding(sizes, device):
         model = SimilarityModel(argparse.Namespace(**vars(model_options(sizes["dims"], sizes["vocab"], module_name)),
                                                    vse_pool="mean", pcme_samples=7)).to(device).eval()
         encode_s, scoring_mb = [], []
-        real_encode = evaluation.encode
+        real_encode = scoring.encode
 
         def timed_encode(*args):
             start = time.perf_counter()
@@ -652,7 +657,7 @@ def bench_embedding(sizes, device):
 
         def project():
             start_mb = _status_mb("VmRSS")  # measure() has just reset the peak mark
-            with mock.patch.object(evaluation, "encode", timed_encode):
+            with mock.patch.object(scoring, "encode", timed_encode):
                 sims = evaluation.compute_sims(model, images, captions, device=device)
             scoring_mb.append(_status_mb("VmHWM") - start_mb)  # the peak of encoding + the matrix
             return evaluation.score_matrix(sims, relevance), pmrp_scores(sims, codes, n_fold=0)
@@ -672,6 +677,163 @@ def bench_embedding(sizes, device):
                              f"{sgr_pairs_per_s:,.0f} pairs/s ({sub_i} x {sub_c} pairs, encoders excluded, its "
                              f"peak memory there) extrapolated to {n_i * n_c:,} pairs"
                              + ("; PCME scored by its means" if module_name == "PCME" else "")))
+    return rows
+
+
+class _Timed:
+    """`target` with its method `name` timed into timers[key] (seconds, summed over calls)."""
+
+    def __init__(self, target, name, timers, key):
+        self.target, self.name, self.timers, self.key = target, name, timers, key
+
+    def __getattr__(self, attr):
+        method = getattr(self.target, attr)
+        if attr != self.name:
+            return method
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = method(*args, **kwargs)
+            self.timers[self.key] += time.perf_counter() - start
+            return out
+        return timed
+
+
+def ann_rows(n_i, n_c, dim):
+    """--shortlist_index at n_i images x n_c captions: {kind: (i2t recall, t2i recall, build seconds, search
+    seconds, exact seconds)} for hnsw and ivf: the recall of each query's exact top ANN_K, the indexes'
+    building and searching, and exact search (products of chunks of queries and their top K), both directions.
+    The vectors are standin_embeddings (a random model's embeddings are nearly all alike: no neighbours
+    to find), as VSE's unit vectors are searched."""
+    images, captions = (t.numpy() for t in standin_embeddings(n_i, n_c, dim))
+    (img_q, cap_g), (cap_q, img_g) = ann_index.search_vectors("VSE", images, captions)
+    threads = torch.get_num_threads()
+    exact, exact_s = {}, 0.0
+    for direction, queries, gallery in (("i2t", img_q, cap_g), ("t2i", cap_q, img_g)):
+        start = time.perf_counter()
+        step = max(1, scoring.STREAM_CHUNK_BYTES // (4 * len(gallery)))
+        exact[direction] = np.concatenate([topk_rows(queries[a:a + step] @ gallery.T, ANN_K)
+                                           for a in range(0, len(queries), step)])
+        exact_s += time.perf_counter() - start
+    out = {}
+    for kind in ("hnsw", "ivf"):
+        i2t_ids, i2t_build, i2t_search = ann_index.top_k(kind, img_q, cap_g, ANN_K, threads)
+        t2i_ids, t2i_build, t2i_search = ann_index.top_k(kind, cap_q, img_g, ANN_K, threads)
+        out[kind] = (ann_index.recall(i2t_ids, exact["i2t"]), ann_index.recall(t2i_ids, exact["t2i"]),
+                     i2t_build + t2i_build, i2t_search + t2i_search, exact_s)
+    return out
+
+
+def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
+    """VSE on n_i random images x 5 n_i captions (full dims, random weights), every item encoded once, then
+    R@K, medr, meanr and ASP against the captions' sparse TF-IDF relevance and PMRP (random category codes,
+    whole split), streamed (scoring.score_streamed, PMRP from the same chunks: StreamedPMRP) or, with
+    in_memory, as evaluation.py without --stream (the whole matrix and the dense relevance) and
+    pmrp_scores. Returns (seconds, peak MB, report, timers: encoding / products / relevance rows / ranking /
+    PMRP seconds, encoder GFLOP)."""
+    n_c = 5 * n_i
+    images, captions = RandomBatches(n_i, sizes, False, seed=1), RandomBatches(n_c, sizes, True, seed=2)
+    caption_words = sum(int(batch[1].sum()) for batch in captions)
+    relevance = SemanticRelevance(synthetic_captions(n_c, seed=3))  # set up beforehand: the TF-IDF fit is not timed
+    torch.manual_seed(0)
+    model = SimilarityModel(argparse.Namespace(**vars(model_options(sizes["dims"], sizes["vocab"], "VSE")),
+                                               vse_pool="mean", pcme_samples=7)).to(device).eval()
+    codes = random_codes(n_i)
+    timers = dict.fromkeys(("encoding", "products", "relevance rows", "ranking", "PMRP"), 0.0)
+
+    def project():
+        for key in timers:
+            timers[key] = 0.0
+        start = time.perf_counter()
+        img_embs, caps = scoring.encode(model, images, captions, device)
+        timers["encoding"] = time.perf_counter() - start
+        scores = scoring.ModelScores([(model, img_embs, caps, device)], shard_size)
+        if in_memory:
+            start = time.perf_counter()
+            sims = scores.block((0, n_i), (0, n_c))
+            timers["products"] = time.perf_counter() - start
+            start = time.perf_counter()
+            sems = relevance.matrix()
+            timers["relevance rows"] = time.perf_counter() - start
+            start = time.perf_counter()
+            report = evaluation.score_matrix(sims, sems)
+            timers["ranking"] = time.perf_counter() - start
+            start = time.perf_counter()
+            report["pmrp"] = pmrp_scores(sims, codes, n_fold=0)
+            timers["PMRP"] = time.perf_counter() - start
+            return report
+        timed_scores = _Timed(scores, "block", timers, "products")
+        timed_relevance = _Timed(relevance, "block", timers, "relevance rows")
+        pmrp = _Timed(StreamedPMRP(codes), "add", timers, "PMRP")
+        start = time.perf_counter()
+        report = scoring.score_streamed(timed_scores, timed_relevance, (0, n_i), (0, n_c), observe=pmrp.add)
+        # what is not scoring, relevance or PMRP in the pass: R@K's ranks and ASP's sorts
+        timers["ranking"] = time.perf_counter() - start - sum(timers[k] for k in ("products", "relevance rows", "PMRP"))
+        start = time.perf_counter()
+        report["pmrp"] = pmrp.result()
+        timers["PMRP"] += time.perf_counter() - start
+        return report
+
+    total_s, peak_mb, report = measure(project, device, once=True)
+    if not in_memory:  # timed apart from the streamed evaluation
+        report["index"] = ann_rows(n_i, n_c, sizes["dims"][2])
+    return total_s, peak_mb, report, dict(timers), encoder_flops(sizes, n_i, caption_words) / 1e9
+
+
+def bench_large_gallery(sizes, device, n_images, sgemm):
+    """Streamed evaluation (evaluation.py --stream) of an embedding model on n_images x 5 n_images, and on a fifth
+    of that, where the in-memory path is measured too (its metrics against the streamed ones: the diff
+    column). Time split: encoding, score products (each pair once per direction), relevance rows (sparse
+    TF-IDF products), ranking (R@K ranks and ASP's sorts); growth from the small to the large size."""
+    shard = 256  # a chunk of 256 image rows: 128 MB of scores at 125,000 captions (one shard; see scoring.chunk_rows)
+    dims = "/".join(map(str, sizes["dims"][:3]))
+    small, large = max(5, n_images // 5), n_images
+    measured = {}
+    for n in (small, large):
+        measured[n] = large_gallery_run(sizes, device, n, shard)
+    base_s, base_mb, base_report, base_timers, _ = large_gallery_run(sizes, device, small, shard, in_memory=True)
+    streamed = measured[small][2]
+    diff = max([abs(streamed[d][k] - base_report[d][k]) for d in ("i2t", "t2i")
+                for k in ("r1", "r5", "r10", "medr", "meanr", "asp")]
+               + [abs(streamed["pmrp"][d][k] - base_report["pmrp"][d][k]) for d in ("i2t", "t2i") for k in ("pmrp", "pmr1")])
+    rows = []
+    (s_s, s_mb), (l_s, l_mb) = ((measured[n][0], measured[n][1]) for n in (small, large))
+    time_power = extrapolate((small, large), (s_s, l_s), large)[1]
+    mem_power = extrapolate((small, large), (max(s_mb, 1e-3), max(l_mb, 1e-3)), large)[1]
+    for n in (small, large):
+        total_s, peak_mb, report, timers, encoder_gflop = measured[n]
+        n_c = 5 * n
+        product_gflop = 2 * 2 * n * n_c * sizes["dims"][2] / 1e9  # each pair once per direction
+        matrix_mb = n * n_c * 4 / 2 ** 20
+        if n == small:
+            base = (base_s, base_mb)
+            base_note = (f"baseline: in memory (the whole matrix, {matrix_mb:,.0f} MB, and the dense relevance; "
+                         f"products {base_timers['products']:.1f} s, relevance {base_timers['relevance rows']:.1f} s, "
+                         f"ranking {base_timers['ranking']:.1f} s, PMRP {base_timers['PMRP']:.1f} s); diff: largest metric difference")
+        else:
+            # encoding grows as n, the rest as the pairs (n^2); memory: the whole matrix and the dense relevance
+            base = (base_timers["encoding"] * n / small + (base_s - base_timers["encoding"]) * (n / small) ** 2,
+                    base_mb + 2 * 4 * 5 * (n * n - small * small) / 2 ** 20)
+            base_note = ("baseline: in memory, extrapolated from the small size (encoding x n, the rest x n^2; memory "
+                         "+ the larger matrix and dense relevance)")
+        rows.append(row(f"large gallery VSE, streamed", f"{n:,} images x {n_c:,} captions, dims {dims}", base,
+                        (total_s, peak_mb), diff if n == small else None, extrapolated=n != small,
+                        mem=_torch_mem(device), flops=(product_gflop + encoder_gflop) * 1e9, timers=timers,
+                        index=report["index"],
+                        note=f"encoding {timers['encoding']:.1f} s ({encoder_gflop / max(timers['encoding'], 1e-9):.0f} "
+                             f"GFLOP/s), products {timers['products']:.1f} s ({product_gflop:,.0f} GFLOP, "
+                             f"{product_gflop / max(timers['products'], 1e-9):.0f} GFLOP/s"
+                             + (f", {100 * product_gflop / max(timers['products'], 1e-9) / sgemm:.0f} % of sgemm"
+                                if sgemm else "") + f"), relevance rows {timers['relevance rows']:.1f} s, ranking "
+                             f"{timers['ranking']:.1f} s, PMRP {timers['PMRP']:.1f} s; "
+                             + "".join(f"{kind} index (stand-in embeddings): recall of the exact top {ANN_K} i2t "
+                                       f"{i2t:.4f} / t2i {t2i:.4f}, built in {build:.1f} s, searched in {search:.1f} s "
+                                       f"against {exact:.1f} s of exact search (products + top {ANN_K}): "
+                                       f"{exact / max(search, 1e-9):.1f}x; "
+                                       for kind, (i2t, t2i, build, search, exact) in report["index"].items()) + f"peak {peak_mb:,.0f} MB against "
+                             f"{matrix_mb:,.0f} MB for the matrix alone; growth {small:,} -> {large:,} images: time "
+                             f"x n^{time_power:.2f}, memory x n^{mem_power:.2f}; R@1 i2t {report['i2t']['r1']:.2f}; "
+                             f"{base_note}"))
     return rows
 
 
@@ -746,14 +908,19 @@ def bench_np2h(sizes, tmp_dir):
                      "the project's memory is one block whatever the size")]
 
 
-def standin_shortlist(n_images, n_captions, dim, seed=5):
+def standin_embeddings(n_images, n_captions, dim, seed=5):
     """What an embedding model (VSE) scores: l2-normalised (n_images, dim) and (n_captions, dim) embeddings,
     caption j its image j // 5's plus Gaussian noise (0.3 per dimension: a retrieval task, neither trivial nor
-    random). Returns a function computing their (n_images, n_captions) float32 product."""
+    random)."""
     gen = torch.Generator().manual_seed(seed)
     images = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=gen), dim=1)
     captions = images.repeat_interleave(5, 0) + 0.3 * torch.randn(n_captions, dim, generator=gen)
-    captions = torch.nn.functional.normalize(captions, dim=1)
+    return images, torch.nn.functional.normalize(captions, dim=1)
+
+
+def standin_shortlist(n_images, n_captions, dim, seed=5):
+    """A function computing the (n_images, n_captions) float32 product of standin_embeddings."""
+    images, captions = standin_embeddings(n_images, n_captions, dim, seed)
     return lambda: (images @ captions.T).numpy()
 
 
@@ -770,7 +937,8 @@ def pair_rates(sizes, device, module_name, per_image):
     with torch.no_grad():
         img_embs, cap_embs = model.encode_images(images).cpu(), model.encode_captions(captions, lengths).cpu()
     batches = [(0, cap_embs, lengths)]
-    packed = evaluation.pack_captions(batches)
+    with torch.no_grad():  # each item's own work (global vectors), done once per item for all its pairs
+        split = scoring.EncodedSplit(model, img_embs, batches, 1000, device)
     n_full, n_images = sizes["shortlist_block"][1], sizes["shortlist_images"]
     rng = np.random.default_rng(7)
     needed = []
@@ -786,7 +954,7 @@ def pair_rates(sizes, device, module_name, per_image):
             model, img_embs, batches, (0, n_block), (0, n_full), 1000, device), device, once=True)[0])
         for j, mask in enumerate(needed):
             seconds, _, (scores[j],) = measure(lambda: evaluation.similarity_pairs(
-                model, img_embs, packed, [((0, n_images), (0, n_pool))], [mask], 1000, device), device, once=True)
+                split, [((0, n_images), (0, n_pool))], [mask], 1000), device, once=True)
             pairs_s[j].append(seconds)
     reference = evaluation.similarity_block(model, img_embs, batches, (0, n_images), (0, n_pool), 1000, device)
     diff = max_abs_diff([(s[mask], reference[mask]) for s, mask in zip(scores, needed)])
@@ -948,7 +1116,17 @@ def targets(rows, sizes, sgemm=None):
                     "yes" if asp["proj_s"] < 20 and speed >= 1 and asp["proj_mb"] < matrix_mb else "no"))
     for r in rows:
         achieved = roofline(r, sgemm)
-        if r["case"].startswith("embedding"):
+        if r["case"].startswith("large gallery") and not r["extrapolated"]:
+            continue  # the small size: the in-memory comparison, not the target's
+        if r["case"].startswith("large gallery"):
+            out.append((f"{r['case']}: {r['size'].split(', dims')[0]}, every metric exact, < 20 min and < 2 GB peak",
+                        f"{r['proj_s'] / 60:.1f} min, {r['proj_mb'] / 1024:.2f} GB",
+                        "yes" if r["proj_s"] < 1200 and r["proj_mb"] < 2048 else "no"))
+            for kind, (i2t, t2i, build, search, exact_s) in r["index"].items():
+                out.append((f"--shortlist_index {kind} there: recall >= 0.99 of the exact top {ANN_K}, search >= 5x "
+                            f"faster than exact search", f"recall {min(i2t, t2i):.4f}, {exact_s / max(search, 1e-9):.1f}x "
+                            f"(building {build:.0f} s)", "yes" if min(i2t, t2i) >= 0.99 and exact_s >= 5 * search else "no"))
+        elif r["case"].startswith("embedding"):
             matrices_mb = 2 * 5 * sizes["emb_images"] ** 2 * 4 / 2 ** 20
             out.append((f"{r['case']}: {r['size'].split(',')[0]} scored, encoding included, with R@K, ASP and PMRP "
                         f"in < 120 s; encoding + scoring below two score matrices of memory",
@@ -984,9 +1162,10 @@ def run_cases(args, sizes, device):
                "train": lambda: bench_train(sizes, device), "daa": lambda: bench_daa(sizes, device),
                "asp": lambda: bench_asp(sizes), "pmrp": lambda: bench_pmrp(sizes, args.tmp_dir),
                "tfidf": lambda: bench_tfidf(sizes), "embedding": lambda: bench_embedding(sizes, device),
-               "np2h": lambda: bench_np2h(sizes, args.tmp_dir), "shortlist": lambda: bench_shortlist(sizes, device, quality)}
+               "np2h": lambda: bench_np2h(sizes, args.tmp_dir), "shortlist": lambda: bench_shortlist(sizes, device, quality),
+               "large_gallery": lambda: bench_large_gallery(sizes, device, args.large_images, sgemm_rate(device))}
     rows = []
-    for case in CASES:
+    for case in CASES + EXTRA_CASES:
         if case in args.cases:
             start = time.perf_counter()
             rows += runners[case]()
@@ -1007,7 +1186,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute (smoke run)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (torch cases; numpy cases run on the CPU)")
     parser.add_argument("--compile", action="store_true", help="add similarity rows under torch.compile")
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="cases to run")
+    parser.add_argument("--cases", nargs="+", choices=CASES + EXTRA_CASES, default=list(CASES),
+                        help=f"cases to run ({', '.join(EXTRA_CASES)} only when named)")
+    parser.add_argument("--large_images", type=int, default=LARGE_GALLERY_IMAGES,
+                        help="large_gallery: images of the large size (5 captions each); a fifth of it is the small "
+                             "size, where the in-memory path is measured too")
     parser.add_argument("--out", help="also write the table (Markdown) to this file")
     parser.add_argument("--tmp_dir", default=None, help="folder for the np2h and PMRP files (default: the system's)")
     parser.add_argument("--threads", type=int, default=None,
@@ -1019,6 +1202,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if bool(args.shortlist_models) != bool(args.shortlist_data):
         raise InputError("--shortlist_models and --shortlist_data go together (the quality rows of the shortlist case)")
+    if args.large_images < 25:
+        raise InputError(f"--large_images must be at least 25 (a fifth of it is the small size), got {args.large_images}")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if not os.path.exists("/proc/self/clear_refs"):
