@@ -365,19 +365,21 @@ def test_ensembles_pair_two_different_modules(vse_run, pcme_run, synth, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module_name", ["VSE", "PCME"])
-def test_embedding_models_learn_with_daa(module_name, synth, tmp_path):
-    argv = train_argv(synth, tmp_path, dims=SMALL_DIMS) + LEARNING_RUN + ["--module_name", module_name]
+@pytest.mark.parametrize("module_name, extra", [("VSE", []), ("PCME", []), ("VSE", ["--vse_pool", "gpo"]),
+                                                ("PCMEpp", [])])
+def test_embedding_models_learn_with_daa(module_name, extra, synth, tmp_path):
+    argv = train_argv(synth, tmp_path, dims=SMALL_DIMS) + LEARNING_RUN + ["--module_name", module_name, *extra]
     assert errors.run(train.main, argv) == 0
     report = scores(str(tmp_path / "run" / "model_best.pth.tar"), synth, "test")
-    print(module_name, "test R@10 i2t %.1f t2i %.1f" % (report["i2t"]["r10"], report["t2i"]["r10"]))
+    print(module_name, *extra, "test R@10 i2t %.1f t2i %.1f" % (report["i2t"]["r10"], report["t2i"]["r10"]))
     # chance R@10: t2i 10 of 40 images = 25 %; i2t, 5 own captions among 200, about 23 %
     assert report["i2t"]["r10"] >= 55.0 and report["t2i"]["r10"] >= 55.0
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_vse(synth, short, tmp_path):
-    argv = run_argv(synth, short, tmp_path, "VSE", "--world_size", "2", "--batch_size", "10")
+@pytest.mark.parametrize("module_name", ["VSE", "PCMEpp"])
+def test_two_gloo_processes_train_an_embedding_model(module_name, synth, short, tmp_path):
+    argv = run_argv(synth, short, tmp_path, module_name, "--world_size", "2", "--batch_size", "10")
     assert errors.run(train.main, argv) == 0
     ckpt = checkpoint.load_checkpoint(str(tmp_path / "run" / "checkpoint_0.pth.tar"))
     assert ckpt["opt"].world_size == 2 and ckpt["Eiters"] == 200 // 2 // 10

@@ -26,10 +26,10 @@ import opts
 import pcme_loss
 import train
 from model import SimilarityModel
-from tests.test_embedding import (TEMP, check_step, daa_terms_direct, double_model, hinge_loop, match_probability_loop,
+from tests.test_embedding import (check_step, daa_terms_direct, double_model, hinge_loop, match_probability_loop,
                                   model_noise, pcme_gaussians_loop, run_argv, samples_loop, tiny_batch)
 from tests.test_model import make_opt
-from tests.test_train import LEARNING_RUN, SMALL_DIMS, TINY_DIMS, scores, short, train_argv  # noqa: F401 (fixture)
+from tests.test_train import TINY_DIMS, scores, short, train_argv  # noqa: F401 (fixture)
 
 # ------------------------------------------------------------------------------------------------
 # Published values, written out here from their sources (not read from the project):
@@ -521,28 +521,3 @@ def test_binding_outside_0_1_is_refused(tmp_path, capsys, value):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "--binding" in err
     assert not (tmp_path / "bad").exists()
-
-
-# ------------------------------------------------------------------------------------------------
-# Slow: learning, DDP
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("module_name, extra", [("VSE", ["--vse_pool", "gpo"]), ("PCMEpp", [])])
-def test_gpo_and_pcmepp_learn_with_daa(module_name, extra, synth, tmp_path):
-    argv = train_argv(synth, tmp_path, dims=SMALL_DIMS) + LEARNING_RUN + ["--module_name", module_name, *extra]
-    assert errors.run(train.main, argv) == 0
-    report = scores(str(tmp_path / "run" / "model_best.pth.tar"), synth, "test")
-    print(module_name, *extra, "test R@10 i2t %.1f t2i %.1f" % (report["i2t"]["r10"], report["t2i"]["r10"]))
-    # chance R@10: t2i 10 of 40 images = 25 %; i2t, 5 own captions among 200, about 23 %
-    assert report["i2t"]["r10"] >= 55.0 and report["t2i"]["r10"] >= 55.0
-
-
-@pytest.mark.slow
-def test_two_gloo_processes_train_pcmepp(synth, short, tmp_path):
-    argv = run_argv(synth, short, tmp_path, "PCMEpp", "--world_size", "2", "--batch_size", "10")
-    assert errors.run(train.main, argv) == 0
-    ckpt = checkpoint.load_checkpoint(str(tmp_path / "run" / "checkpoint_0.pth.tar"))
-    assert ckpt["opt"].world_size == 2 and ckpt["Eiters"] == 200 // 2 // 10
-    dev = scores(str(tmp_path / "run" / "model_best.pth.tar"), synth, "dev")
-    assert ckpt["best_rsum"] == pytest.approx(dev["rsum"], abs=1e-6)

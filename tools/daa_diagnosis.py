@@ -124,6 +124,7 @@ def diagnose(folders, out_dir):
     report = {}
     for name, folder in folders.items():
         opt = load_checkpoint(os.path.join(folder, "checkpoint_0.pth.tar"))["opt"]
+        opt.data_path = os.path.join(out_dir, "data")  # the same bytes wherever the run was trained (ablation folders)
         batches = fixed_batches(opt, vocab)
         report[name] = [measure_epoch(os.path.join(folder, f"checkpoint_{e}.pth.tar"), batches, len(vocab))
                         for e in range(opt.num_epochs)]
