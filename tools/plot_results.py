@@ -96,26 +96,33 @@ def plot_training(runs, path):
 def plot_ablation(report, path):
     """Three panels (R@1, ASP, PMRP): mean ± std over seeds against the DAA weight, per model and variant.
 
-    One line per (model, variant) and direction (i2t solid, t2i dashed); weight 0 (DAA off) starts every
-    line of its model. The content oracle's ASP is drawn as a horizontal line: the headroom.
+    One line per (model, variant, training data) and direction (i2t solid, t2i dashed); weight 0 (DAA off)
+    starts every line of its model and data. The content oracle's ASP is drawn as a horizontal line: the
+    headroom.
     """
     groups = report["groups"]
     weights = sorted({g["daa_weight"] for g in groups})
     x_of = {w: k for k, w in enumerate(weights)}  # even spacing: the weights span 0 to 25
+
+    def data_of(group):  # reports made before the noisy entries have no noise_rate
+        return group.get("noise_rate") or 0
+
     lines = {}
     for g in groups:
-        variants = [g["variant"]] if g["daa_weight"] else \
-            sorted({h["variant"] for h in groups if h["module"] == g["module"] and h["daa_weight"]})
+        variants = [g["variant"]] if g["daa_weight"] else sorted(
+            {h["variant"] for h in groups if (h["module"], data_of(h)) == (g["module"], data_of(g)) and h["daa_weight"]})
         for variant in variants:
-            lines.setdefault((g["module"], variant), []).append(g)
+            lines.setdefault((g["module"], variant, data_of(g)), []).append(g)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (metric, title) in zip(axes, (("r1", "R@1"), ("asp", "ASP"), ("pmrp", "PMRP"))):
-        for k, ((module, variant), members) in enumerate(sorted(lines.items())):
+        for k, ((module, variant, noise), members) in enumerate(sorted(lines.items())):
             members = sorted(members, key=lambda g: g["daa_weight"])
             x = [x_of[g["daa_weight"]] for g in members]
+            data = f" noise {noise:g}" if noise else ""
             for d, style in (("i2t", "-"), ("t2i", "--")):
                 ax.errorbar(x, [g["mean"][d][metric] for g in members], yerr=[g["std"][d][metric] for g in members],
-                            color=f"C{k}", ls=style, marker="o", ms=4, capsize=3, label=f"{module} {variant} {d}")
+                            color=f"C{k % 10}", ls=style, marker="o", ms=4, capsize=3,
+                            label=f"{module} {variant}{data} {d}")
         if metric == "asp":
             for d, style in (("i2t", "-"), ("t2i", "--")):
                 ax.axhline(report["references"]["content oracle"][d]["asp"], color="grey", ls=style, lw=1,
