@@ -199,6 +199,11 @@ def test_ablation_runs_each_setting_and_summarises_what_it_measured(tmp_path, ca
     assert tie["asp_soft"]["constant"] > tie["asp_soft"]["random"] + 0.05 and tie["asp_soft"]["relevance"] == 1.0
     assert tie["asp"]["constant"] == pytest.approx(0.5, abs=0.02)
     assert tie["asp_soft_tie_aware"]["constant"] <= tie["asp_soft_tie_aware"]["random"]
+    for group in report["groups"]:  # the dev rsum settings are chosen on: each run's model_best's
+        for run in group["runs"]:
+            best = checkpoint.load_checkpoint(str(out_dir / "runs" / f"{group['key']}_seed{run['seed']}" / "model_best.pth.tar"))
+            assert run["dev_rsum"] == best["best_rsum"]
+        assert group["dev_rsum"]["mean"] == pytest.approx(np.mean([r["dev_rsum"] for r in group["runs"]]))
     table = (out_dir / "ablation.md").read_text(encoding="utf-8")
     assert "| content oracle |" in table and "| SAF, DAA 25 reference − off (n=2) |" in table
     assert "| PCME, DAA 25 reference − off (n=1) |" in table

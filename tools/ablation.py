@@ -59,7 +59,7 @@ GRID = {
              ("SGR", (25,), ("tie_aware",), range(3)), ("SAF", (25,), ("tie_aware",), range(5)),
              ("SAF", (0, 25), ("reference", "tie_aware"), range(3), 0.2),
              ("VSE", (25,), ("tie_aware",), range(3)), ("PCME", (25,), ("tie_aware",), range(3)),
-             ("VSE", (0, 25), ("reference", "tie_aware"), range(3), 0.2)],
+             ("VSE", (0, 25), ("reference", "tie_aware"), range(3), 0.2), ("SAF", (10,), ("tie_aware",), range(5))],
     "quick": [("SAF", (0, 25), ("reference",), range(2)), ("SAF", (25,), ("paper",), range(2)),
               ("VSE", (0, 25), ("reference",), range(1)), ("PCME", (0, 25), ("reference",), range(1)),
               ("SAF", (25,), ("tie_aware",), range(2)), ("SAF", (0, 25), ("tie_aware",), range(1), 0.2)],
@@ -121,7 +121,21 @@ def paths(out_dir, name, seed):
             "sims": os.path.join(out_dir, "eval", run + ".npy"),
             "evaluation": os.path.join(out_dir, "eval", run + ".json"),
             "pmrp": os.path.join(out_dir, "eval", run + "_pmrp.json"),
-            "curve": os.path.join(out_dir, "eval", run + "_plateau.json")}
+            "curve": os.path.join(out_dir, "eval", run + "_plateau.json"),
+            "dev": os.path.join(out_dir, "eval", run + "_dev.json")}
+
+
+def dev_rsum(where):
+    """The run's best end-of-epoch dev rsum (what model_best was chosen by; settings are compared on it, never
+    on testall), kept in its own small file beside the scores: written from model_best the first time,
+    None for a run whose checkpoints are gone and that has no such file (the runs saved before it existed)."""
+    if not os.path.isfile(where["dev"]):
+        best = os.path.join(where["model"], "model_best.pth.tar")
+        if not os.path.isfile(best):
+            return None
+        import checkpoint
+        fileio.write_json({"dev_rsum": checkpoint.load_checkpoint(best)["best_rsum"]}, where["dev"])
+    return fileio.read_json(where["dev"], "dev score file")["dev_rsum"]
 
 
 def score(run, sims, evaluation_json, pmrp_json, data_path, ann_root, title):
@@ -280,7 +294,7 @@ def report_of(args, size, settings):
             groups.append(group)
         where = paths(args.out_dir, name, seed)
         if finished(where, plateau=False):
-            group["runs"].append(dict(read_scores(where["evaluation"], where["pmrp"]), seed=seed))
+            group["runs"].append(dict(read_scores(where["evaluation"], where["pmrp"]), seed=seed, dev_rsum=dev_rsum(where)))
     groups = [g for g in groups if g["runs"]]
     oracle = references["content oracle"]
     for group in groups:
@@ -291,6 +305,8 @@ def report_of(args, size, settings):
             off_by_seed = {r["seed"]: r for r in off["runs"]}
             on = [r for r in group["runs"] if r["seed"] in off_by_seed]
             group["paired_difference"] = paired(on, [off_by_seed[r["seed"]] for r in on])
+        devs = [r["dev_rsum"] for r in group["runs"] if r["dev_rsum"] is not None]
+        group["dev_rsum"] = t_interval(devs) if devs else None
         # Share of the ASP headroom between the DAA-off model and the content oracle that the setting covers.
         group["asp_headroom_covered"] = {d: 100 * (group["mean"][d]["asp"] - off["mean"][d]["asp"])
                                          / (oracle[d]["asp"] - off["mean"][d]["asp"]) for d in DIRECTIONS}
@@ -343,6 +359,10 @@ def markdown(report):
     lines += ["", "Share of the ASP headroom (DAA off → content oracle) covered, i2t / t2i:", ""]
     lines += [f"- {label(g)}: {g['asp_headroom_covered']['i2t']:.1f} % / {g['asp_headroom_covered']['t2i']:.1f} %"
               for g in report["groups"] if g["daa_weight"]]
+    lines += ["", "Dev rsum of each run's model_best, mean ± std (n = runs that have it: the runs saved before "
+              "2026-12-06 kept no checkpoint); settings are chosen on it, not on the testall rows above:", ""]
+    lines += [f"- {label(g)}: {g['dev_rsum']['mean']:.1f} ± {g['dev_rsum']['std']:.1f} (n={g['dev_rsum']['n']})"
+              for g in report["groups"] if g.get("dev_rsum")]
     p = report["plateau"]
     lines += ["", f"Collapse without warm-up (SAF, lr {p['training']['learning_rate']}, batch {p['training']['batch_size']}, "
               f"{p['training']['num_epochs']} epochs of {p['iterations_per_epoch']} iterations): the iteration where the "
