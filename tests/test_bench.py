@@ -19,7 +19,7 @@ def test_quick_benchmark_has_every_row_and_the_outputs_agree(tmp_path):
                 ("training step SAF", ""), ("ASP", ""), ("TF-IDF relevance", ""),
                 ("np2h", f"{quick['np2h_images']} images"), ("np2h", "COCO train"),
                 ("embedding VSE", f"{quick['emb_images']} images"), ("embedding PCME", f"{quick['emb_images']} images")]
-    expected += [("DAA loss", f"N = {n}") for n in quick["daa"]]
+    expected += [(case, f"N = {n}") for n in quick["daa"] for case in ("DAA loss", "DAA tie_aware vs reference")]
     expected += [("PMRP", f"{n} images") for n in quick["pmrp"]] + [("PMRP, whole process", "")]
     expected += [(f"shortlist K = {k}", "") for k in quick["shortlist_k"]]
     assert len(rows) == len(expected)
@@ -31,7 +31,12 @@ def test_quick_benchmark_has_every_row_and_the_outputs_agree(tmp_path):
         assert r["base_s"] > 0 and r["proj_s"] > 0, r["case"]
         if r["diff"] is not None:  # every measured pair is checked; rows without a baseline output have none
             assert r["diff"] <= bench.TOLERANCE, (r["case"], r["size"], r["diff"])
-    assert sum(r["diff"] is None for r in rows) == 3  # the scaled np2h row and the two embedding rows
+    # the scaled np2h row, the two embedding rows and the tie_aware rows (another objective than their baseline's)
+    assert sum(r["diff"] is None for r in rows) == 3 + len(quick["daa"])
+    ties = [r for r in rows if r["case"] == "DAA tie_aware vs reference"]
+    lines = [line for line in table.splitlines() if line.startswith("| DAA tie_aware at N = ")]
+    assert [line.split(" | ")[1] for line in lines] == [f"{t['proj_s'] / t['base_s']:.2f}x" for t in ties
+                                                         if t["size"] != f"N = {quick['daa'][1]}"]
     assert "| target | measured | met |" in table
     assert not list(tmp_path.glob("bench_np2h_*")) and not list(tmp_path.glob("bench_pmrp_*"))  # files removed
     assert sum(r["flops"] is not None for r in rows) == 4  # similarity and training rows: roofline column
