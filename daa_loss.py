@@ -13,6 +13,12 @@ S[b, c])), which mixes rows and columns. That is what trained the published mode
 default; the two are different objectives (their gradients on one batch have cosine 0.27 for SGR and
 -0.14 for SAF), not two implementations of one.
 
+Both count a tied score as half (sigma_tau(0) = 1/2: average ranks), while the ASP metric ranks a tie after
+everything it ties with, so their surrogate rewards ties (a constant batch beats random scores). The
+"tie_aware" variant (this project's) ranks within rows as "paper" and shifts the score side's sigmoid by
+tau ln((1 - tau) / tau), so a tie counts 1 - tau; the relevance side keeps average ranks. As tau -> 0 it
+tends to the metric, ties included.
+
 Memory: the direct form materialises an N x N x N tensor (and autograd keeps several), 512 MB per
 tensor at N = 512. Here the comparisons are made in blocks of queries, forward and backward, through a
 custom autograd function that keeps only the N x N inputs and recomputes each block's sigmoids in the
@@ -168,7 +174,7 @@ def asp_soft(S, M, temp=0.001, variant="paper"):
     relevance_variant = variant
     if variant == "tie_aware":
         relevance_variant = "paper"  # equal relevance is genuine: average ranks
-        # row-major blocks: on a transposed view (the t2i direction) every block's buffer is strided, 5-10x slower
+        # row-major blocks: on a transposed view (the t2i direction) every block's buffer is strided, 2-5x slower
         S, M = S.contiguous(), M.contiguous()
     rank_s = soft_rank(S, temp, variant)
     with torch.no_grad():
