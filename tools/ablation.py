@@ -161,25 +161,35 @@ def finished(where, plateau):
     return os.path.isfile(where["curve"] if plateau else where["pmrp"])
 
 
+def train(run, out_dir, size, spec, training, title):
+    """Train one run (spec = (name, module, weight, variant, seed, noise)) with `training`'s options into its
+    folders under out_dir, unless its last checkpoint is there; returns paths(...) of the run."""
+    name, module, weight, variant, seed, noise = spec
+    where = paths(out_dir, name, seed)
+    last = os.path.join(where["model"], f"checkpoint_{training['num_epochs'] - 1}.pth.tar")
+    if not os.path.isfile(last):
+        for folder in (where["model"], where["log"]):  # an interrupted run starts again
+            shutil.rmtree(folder, ignore_errors=True)
+        train_data = os.path.join(noisy_root(out_dir, noise) if noise else out_dir, "data")
+        run("train.py", run_demo.train_args(size, training, train_data, os.path.join(out_dir, "vocab"), module,
+                                            where["model"], where["log"], seed, ["--daa_variant", variant]),
+            f"{title}: train")
+    return where
+
+
 def execute(job):
     """Train and score one run: job = (out_dir, size, run, plateau, in_process, threads, title)."""
-    out_dir, size, (name, module, weight, variant, seed, noise), plateau, in_process, threads, title = job
+    out_dir, size, spec, plateau, in_process, threads, title = job
     torch.set_num_threads(threads)
     run = run_demo.Runner(in_process, threads)
-    where = paths(out_dir, name, seed)
+    where = paths(out_dir, spec[0], spec[4])
     if finished(where, plateau):
         return
     data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
-    training = dict(run_demo.TRAINING[size], daa_weight=weight)
+    training = dict(run_demo.TRAINING[size], daa_weight=spec[2])
     if plateau:
         training.update(PLATEAU[size]["training"])
-    last = os.path.join(where["model"], f"checkpoint_{training['num_epochs'] - 1}.pth.tar")
-    if not os.path.isfile(last):
-        for folder in (where["model"], where["log"]):  # an interrupted run of this ablation starts again
-            shutil.rmtree(folder, ignore_errors=True)
-        train_data = os.path.join(noisy_root(out_dir, noise), "data") if noise else data_path
-        run("train.py", run_demo.train_args(size, training, train_data, vocab_path, module, where["model"], where["log"],
-                                            seed, ["--daa_variant", variant]), f"{title}: train")
+    train(run, out_dir, size, spec, training, title)
     if plateau:
         scalars = plot_results.read_scalars(where["log"])
         (steps, hinge), (val_steps, rsum) = scalars["contrastive_loss"], scalars["r_sum"]

@@ -43,19 +43,16 @@ N_BATCHES = 8
 
 def train_runs(out_dir, seed, threads):
     """Train every run of RUNS not yet trained; returns {setting name: run folder}."""
-    data_path, vocab_path = os.path.join(out_dir, "data"), os.path.join(out_dir, "vocab")
+    data_path = os.path.join(out_dir, "data")
     run = run_demo.Runner(in_process=True, threads=threads)
     if not os.path.isfile(os.path.join(data_path, run_demo.DATA_NAME, "testall.h5")):
         run_demo.make_data("full", out_dir, lambda title: f"data: {title}", run)
     folders = {}
     for module, weight, variant in RUNS:
         name = ablation.setting_name(module, weight, variant)
-        where = ablation.paths(out_dir, name, seed)
         training = dict(run_demo.TRAINING["full"], daa_weight=weight)
-        if not os.path.isfile(os.path.join(where["model"], f"checkpoint_{training['num_epochs'] - 1}.pth.tar")):
-            run("train.py", run_demo.train_args("full", training, data_path, vocab_path, module, where["model"],
-                                                where["log"], seed, ["--daa_variant", variant]), f"{name}: train")
-        folders[name] = where["model"]
+        spec = (name, module, weight, variant, seed, 0)
+        folders[name] = ablation.train(run, out_dir, "full", spec, training, name)["model"]
     return folders
 
 
