@@ -270,12 +270,13 @@ def with_noise(lines, chosen, source):
     return noisy
 
 
-def write_split(directory, split, lines, feats, rows_per_caption):
-    """Write {split}_caps.txt and {split}_ims.npy (each image's row 5 times with rows_per_caption)."""
+def write_split(directory, split, lines, feats, rows_per_caption, **settings):
+    """Write {split}_caps.txt and {split}_ims.npy (each image's row 5 times with rows_per_caption); the manifest
+    records `settings` (the training split's noise_rate) with the captions."""
     if rows_per_caption:
         feats = np.repeat(feats, CAPTIONS_PER_IMAGE, axis=0)
     fileio.write_text("\n".join(lines) + "\n", os.path.join(directory, f"{split}_caps.txt"))
-    record(os.path.join(directory, f"{split}_caps.txt"))
+    record(os.path.join(directory, f"{split}_caps.txt"), **settings)
     fileio.save_npy(feats, os.path.join(directory, f"{split}_ims.npy"))
     record(os.path.join(directory, f"{split}_ims.npy"))
 
@@ -396,11 +397,11 @@ def main(argv=None):
         directory = os.path.join(opt.out_dir, data_name)
         if split in ("train", "dev"):  # the clean captions: noise moves them, the vocabulary stays the same bytes
             vocab_captions.setdefault(data_name, []).extend(lines)
+        settings = {}
         if split == "train":
             lines = with_noise(lines, *noisy_pairs(opt.seed, data_name, len(images), opt.noise_rate))
-        write_split(directory, split, lines, feats, split in opt.rows_per_caption)
-        if split == "train":
-            record(os.path.join(directory, "train_caps.txt"), noise_rate=opt.noise_rate)
+            settings = {"noise_rate": opt.noise_rate}
+        write_split(directory, split, lines, feats, split in opt.rows_per_caption, **settings)
         if split == "testall":
             # ids and boxes from a stream of their own, so the captions and features stay replayable
             annotation_rng = np.random.default_rng([opt.seed, 1])
