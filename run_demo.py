@@ -119,12 +119,12 @@ def maker_args(size, out_dir):
     return ["--out_dir", data_path, "--vocab_dir", vocab_path, "--ann_dir", ann_root, "--datasets", DATA_NAME] + sizes
 
 
-def make_data(size, out_dir, step, run_script, noise_rate=0):
-    """Steps 1-3: synthetic COCO (with `noise_rate`'s noisy training pairs), HDF5 features, vocabulary.
-    Returns (data_path, vocab_path, ann_root)."""
+def make_data(size, out_dir, step, run_script, noise_rate=0, binding=None):
+    """Steps 1-3: synthetic COCO (with `noise_rate`'s noisy training pairs, and make_synthetic_data.py's
+    --binding if given), HDF5 features, vocabulary. Returns (data_path, vocab_path, ann_root)."""
     data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
-    noise = ["--noise_rate", noise_rate] if noise_rate else []
-    run_script("make_synthetic_data.py", maker_args(size, out_dir) + noise, step("synthetic COCO"))
+    options = (["--noise_rate", noise_rate] if noise_rate else []) + (["--binding", binding] if binding is not None else [])
+    run_script("make_synthetic_data.py", maker_args(size, out_dir) + options, step("synthetic COCO"))
     run_script("np2h.py", ["--data_path", data_path, "--data_name", DATA_NAME], step("features to HDF5"))
     # The maker wrote a vocabulary already; vocab.py rebuilds it here exactly as for real captions. Not on noisy
     # captions: moved between images, they number the words in another first-seen order (the maker's vocabulary
@@ -135,8 +135,9 @@ def make_data(size, out_dir, step, run_script, noise_rate=0):
     return data_path, vocab_path, ann_root
 
 
-def save_reference_matrices(size, out_dir, data_path):
-    """The yardsticks of the synthetic testall, saved as {out_dir}/eval/{name}.npy: {row name: path}.
+def save_reference_matrices(size, out_dir, data_path, binding=None):
+    """The yardsticks of the synthetic testall (made with make_synthetic_data.py's --binding if given), saved as
+    {out_dir}/eval/{name}.npy: {row name: path}.
 
     random scores and a constant matrix (ASP about 50: no knowledge), the content oracle (the best an
     image-only model can do: make_synthetic_data.content_oracle) and the relevance M itself (ASP 100).
@@ -146,7 +147,8 @@ def save_reference_matrices(size, out_dir, data_path):
 
     relevance, _ = evaluation.relevance_of_split(data_path, DATA_NAME, "testall")
     M = relevance.matrix()
-    maker_opt = make_synthetic_data.build_parser().parse_args([str(a) for a in maker_args(size, out_dir)])
+    binding = ["--binding", binding] if binding is not None else []
+    maker_opt = make_synthetic_data.build_parser().parse_args([str(a) for a in maker_args(size, out_dir) + binding])
     matrices = {"random scores": np.random.default_rng(0).random(M.shape).astype(np.float32),
                 "constant scores": np.full(M.shape, 0.5, dtype=np.float32),
                 "content oracle": make_synthetic_data.content_oracle(maker_opt), "relevance M": M}

@@ -45,13 +45,15 @@ from tools import plot_results
 DIRECTIONS = ("i2t", "t2i")
 METRICS = ("r1", "r5", "r10", "asp", "pmrp")
 HEADERS = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "asp": "ASP", "pmrp": "PMRP"}
-# (module, DAA weights, variants, seeds[, noise rate]) per size. The published recipes use weight 25 (COCO)
+# (model, DAA weights, variants, seeds[, noise rate[, binding]]) per size. The published recipes use weight 25 (COCO)
 # and 10 (Flickr30K); 1 is the demo's. Weight 0 is DAA off, the same for either variant. Runs are made in
 # the order listed, weight 0 and 25 first, so that a stopped ablation has the main comparison; the plateau
 # runs come after the first PLATEAU_AFTER entries. Entries are only ever appended (the embedding models VSE
 # and PCME came next, then tie_aware and the noisy data), so an ablation folder made with the shorter grid
 # goes on with the new entries. A noise rate p trains on make_synthetic_data.py --noise_rate p's training
-# captions (the same images, dev and testall), compared with DAA off on the same noisy data.
+# captions (the same images, dev and testall), compared with DAA off on the same noisy data. A binding F other
+# than make_synthetic_data.py's default draws the whole data set with --binding F (its own captions, vocabulary
+# and testall, so its yardsticks are its own). A model is a --module_name or a name of MODEL_OPTIONS.
 GRID = {
     "full": [("SAF", (0, 25), ("reference",), range(5)), ("SGR", (0, 25), ("reference",), range(3)),
              ("SAF", (25,), ("paper",), range(5)), ("SAF", (10, 1), ("reference", "paper"), range(5)),
@@ -61,12 +63,18 @@ GRID = {
              ("VSE", (25,), ("tie_aware",), range(3)), ("PCME", (25,), ("tie_aware",), range(3)),
              ("VSE", (0, 25), ("reference", "tie_aware"), range(3), 0.2), ("SAF", (10,), ("tie_aware",), range(5)),
              ("SAF", (0, 25), ("reference", "tie_aware"), range(3, 5), 0.2),
-             ("VSE", (0, 25), ("reference", "tie_aware"), range(3, 6), 0.2)],
+             ("VSE", (0, 25), ("reference", "tie_aware"), range(3, 6), 0.2),
+             ("VSEgpo", (0,), ("reference",), range(1)), ("PCMEpp", (0,), ("reference",), range(1)),
+             ("SAF", (0,), ("reference",), range(1), 0, 0.0), ("VSEgpo", (0,), ("reference",), range(1), 0, 0.0),
+             ("PCMEpp", (0,), ("reference",), range(1), 0, 0.0), ("VSE", (0,), ("reference",), range(1), 0, 0.0)],
     "quick": [("SAF", (0, 25), ("reference",), range(2)), ("SAF", (25,), ("paper",), range(2)),
               ("VSE", (0, 25), ("reference",), range(1)), ("PCME", (0, 25), ("reference",), range(1)),
               ("SAF", (25,), ("tie_aware",), range(2)), ("SAF", (0, 25), ("tie_aware",), range(1), 0.2)],
 }
 PLATEAU_AFTER = 2
+# Models that are a module with options of its own: VSE with VSE∞'s generalized pooling.
+MODEL_OPTIONS = {"VSEgpo": ("VSE", ("--vse_pool", "gpo"))}
+DEFAULT_BINDING = 0.5  # make_synthetic_data.py's --binding default: the data every other entry uses
 # Plateau runs: SAF, no warm-up (hardest negatives from the first step, the original recipe), the lr of
 # the published Flickr30K recipe held constant, logging every few iterations to time the collapse.
 PLATEAU = {
@@ -82,37 +90,58 @@ MARGIN = 0.2  # train.py's default --margin, which every run here uses
 PLATEAU_MEASURES = ("hinge_above_2Bm", "dev_rsum")
 
 
-def setting_name(module, weight, variant, noise=0):
-    return f"{module}_w{weight:g}" + (f"_{variant}" if weight else "") + (f"_noise{noise:g}" if noise else "")
+def setting_name(model, weight, variant, noise=0, binding=DEFAULT_BINDING):
+    return (f"{model}_w{weight:g}" + (f"_{variant}" if weight else "") + (f"_noise{noise:g}" if noise else "")
+            + (f"_binding{binding:g}" if binding != DEFAULT_BINDING else ""))
+
+
+def module_args(model):
+    """(--module_name, [its options]) of a GRID model."""
+    module, options = MODEL_OPTIONS.get(model, (model, ()))
+    return module, list(options)
 
 
 def grid_runs(entries):
-    """[(setting name, module, weight, variant, seed, noise rate)] of GRID entries, in order; weight 0 listed once."""
+    """[(setting name, model, weight, variant, seed, noise rate, binding)] of GRID entries, in order; weight 0
+    listed once."""
     runs, seen = [], set()
-    for module, weights, variants, seeds, *noise in entries:
-        noise = noise[0] if noise else 0
+    for model, weights, variants, seeds, *data in entries:
+        noise, binding = (list(data) + [0, DEFAULT_BINDING][len(data):])[:2]
+        if noise and binding != DEFAULT_BINDING:
+            raise ValueError(f"GRID entry {model}: noise and another binding together are not made")
         for seed in seeds:
             for weight in weights:
                 for variant in variants:
-                    name = setting_name(module, weight, variant, noise)
+                    name = setting_name(model, weight, variant, noise, binding)
                     if (name, seed) not in seen:
                         seen.add((name, seed))
-                        runs.append((name, module, weight, variant, seed, noise))
+                        runs.append((name, model, weight, variant, seed, noise, binding))
     return runs
 
 
-def noise_rates(size):
-    """The noise rates of GRID[size]'s noisy entries, in order of first use."""
-    return sorted({entry[4] for entry in GRID[size] if len(entry) > 4 and entry[4]})
+def data_roots(size):
+    """[(folder under out_dir, noise rate, binding)] of every data set GRID[size] trains on, the default first."""
+    data = {(run[5], run[6]) for run in grid_runs(GRID[size])} | {(0, DEFAULT_BINDING)}
+    return sorted(((data_folder(noise, binding), noise, binding) for noise, binding in data), key=lambda d: d[0])
 
 
-def noisy_root(out_dir, noise):
-    """Where the data with noise rate `noise` lives: {out_dir}/noise{p}/{data,vocab,coco_ann}."""
-    return os.path.join(out_dir, f"noise{noise:g}")
+def data_folder(noise, binding):
+    """Where a data set lives under out_dir ("" for the default): noise{p}/ or binding{F}/, each holding
+    data/, vocab/, coco_ann/."""
+    return f"noise{noise:g}" if noise else (f"binding{binding:g}" if binding != DEFAULT_BINDING else "")
+
+
+def data_of(out_dir, noise, binding):
+    """{"train", "evaluate", "vocab", "ann"} folders of a data set: noisy data trains on its own captions and is
+    evaluated on the clean testall (which the noise never touches) with the clean vocabulary; another binding
+    is a data set of its own throughout."""
+    clean = os.path.join(out_dir, data_folder(0, binding))
+    return {"train": os.path.join(out_dir, data_folder(noise, binding), "data"), "evaluate": os.path.join(clean, "data"),
+            "vocab": os.path.join(clean, "vocab"), "ann": os.path.join(clean, "coco_ann")}
 
 
 def plateau_runs(size):
-    return [(f"plateau_SAF_w{w:g}", "SAF", w, "reference", seed, 0) for seed in PLATEAU[size]["seeds"]
+    return [(f"plateau_SAF_w{w:g}", "SAF", w, "reference", seed, 0, DEFAULT_BINDING) for seed in PLATEAU[size]["seeds"]
             for w in PLATEAU[size]["weights"]]
 
 
@@ -162,17 +191,18 @@ def finished(where, plateau):
 
 
 def train(run, out_dir, size, spec, training, title):
-    """Train one run (spec = (name, module, weight, variant, seed, noise)) with `training`'s options into its
-    folders under out_dir, unless its last checkpoint is there; returns paths(...) of the run."""
-    name, module, weight, variant, seed, noise = spec
+    """Train one run (spec = (name, model, weight, variant, seed, noise, binding)) with `training`'s options into
+    its folders under out_dir, unless its last checkpoint is there; returns paths(...) of the run."""
+    name, model, weight, variant, seed, noise, binding = spec
     where = paths(out_dir, name, seed)
     last = os.path.join(where["model"], f"checkpoint_{training['num_epochs'] - 1}.pth.tar")
     if not os.path.isfile(last):
         for folder in (where["model"], where["log"]):  # an interrupted run starts again
             shutil.rmtree(folder, ignore_errors=True)
-        train_data = os.path.join(noisy_root(out_dir, noise) if noise else out_dir, "data")
-        run("train.py", run_demo.train_args(size, training, train_data, os.path.join(out_dir, "vocab"), module,
-                                            where["model"], where["log"], seed, ["--daa_variant", variant]),
+        data = data_of(out_dir, noise, binding)
+        module, options = module_args(model)
+        run("train.py", run_demo.train_args(size, training, data["train"], data["vocab"], module, where["model"],
+                                            where["log"], seed, ["--daa_variant", variant] + options),
             f"{title}: train")
     return where
 
@@ -185,7 +215,7 @@ def execute(job):
     where = paths(out_dir, spec[0], spec[4])
     if finished(where, plateau):
         return
-    data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
+    data = data_of(out_dir, spec[5], spec[6])
     training = dict(run_demo.TRAINING[size], daa_weight=spec[2])
     if plateau:
         training.update(PLATEAU[size]["training"])
@@ -197,10 +227,10 @@ def execute(job):
                            "validation_steps": val_steps.tolist(), "r_sum": rsum.tolist()}, where["curve"])
         return
     if not os.path.isfile(where["sims"]):
-        run("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"), "--data_path", data_path,
-                              "--vocab_path", vocab_path, "--split", "testall", "--save_sims", where["sims"]],
-            f"{title}: similarities")
-    score(run, where["sims"], where["evaluation"], where["pmrp"], data_path, ann_root, title)
+        run("evaluation.py", ["--model_path", os.path.join(where["model"], "model_best.pth.tar"), "--data_path",
+                              data["evaluate"], "--vocab_path", data["vocab"], "--split", "testall", "--save_sims",
+                              where["sims"]], f"{title}: similarities")
+    score(run, where["sims"], where["evaluation"], where["pmrp"], data["evaluate"], data["ann"], title)
 
 
 def run_all(jobs, n_parallel):
@@ -293,26 +323,32 @@ def tie_reward(data_path, batch=128, seed=0):
 def report_of(args, size, settings):
     """The ablation report from the finished runs' files (a setting lists the seeds finished so far)."""
     data_path = os.path.join(args.out_dir, "data")
-    references = {}
-    for name in run_demo.REFERENCES:
-        stem = os.path.join(args.out_dir, "eval", name.replace(" ", "_"))
-        references[name] = read_scores(stem + ".json", stem + "_pmrp.json")
+
+    def references_of(binding):  # the yardsticks of a data set's testall
+        stems = {name: os.path.join(args.out_dir, data_folder(0, binding), "eval", name.replace(" ", "_"))
+                 for name in run_demo.REFERENCES}
+        return {name: read_scores(stem + ".json", stem + "_pmrp.json") for name, stem in stems.items()}
+
+    references = references_of(DEFAULT_BINDING)
     groups, by_setting = [], {}
-    for name, module, weight, variant, seed, noise in grid_runs(GRID[size]):
+    for name, model, weight, variant, seed, noise, binding in grid_runs(GRID[size]):
         group = by_setting.get(name)
         if group is None:
-            group = by_setting[name] = {"key": name, "module": module, "daa_weight": weight,
-                                        "variant": variant if weight else None, "noise_rate": noise, "runs": []}
+            group = by_setting[name] = {"key": name, "module": model, "daa_weight": weight,
+                                        "variant": variant if weight else None, "noise_rate": noise,
+                                        "binding": binding, "runs": []}
             groups.append(group)
         where = paths(args.out_dir, name, seed)
         if finished(where, plateau=False):
             group["runs"].append(dict(read_scores(where["evaluation"], where["pmrp"]), seed=seed, dev_rsum=dev_rsum(where)))
     groups = [g for g in groups if g["runs"]]
-    oracle = references["content oracle"]
+    other_bindings = {g["binding"] for g in groups} - {DEFAULT_BINDING}
+    references_by_binding = {b: references_of(b) for b in other_bindings} | {DEFAULT_BINDING: references}
     for group in groups:
         summary = summarise(group["runs"])
         group["mean"], group["std"] = summary["mean"], summary["std"]
-        off = by_setting[setting_name(group["module"], 0, None, group["noise_rate"])]
+        oracle = references_by_binding[group["binding"]]["content oracle"]
+        off = by_setting[setting_name(group["module"], 0, None, group["noise_rate"], group["binding"])]
         if group is not off:
             off_by_seed = {r["seed"]: r for r in off["runs"]}
             on = [r for r in group["runs"] if r["seed"] in off_by_seed]
@@ -324,7 +360,7 @@ def report_of(args, size, settings):
                                          / (oracle[d]["asp"] - off["mean"][d]["asp"]) for d in DIRECTIONS}
     training = dict(run_demo.TRAINING[size], **PLATEAU[size]["training"])
     curves = {(w, seed): fileio.read_json(paths(args.out_dir, name, seed)["curve"], "plateau curves")
-              for name, _, w, _, seed, _ in plateau_runs(size) if finished(paths(args.out_dir, name, seed), plateau=True)}
+              for name, _, w, _, seed, _, _ in plateau_runs(size) if finished(paths(args.out_dir, name, seed), plateau=True)}
     # train.py validates at the end of every epoch (and only then, here): the first validation's step is the
     # number of iterations in an epoch, the last of which may be a smaller batch
     iterations_per_epoch = next((curve["validation_steps"][0] for curve in curves.values()), None)
@@ -345,6 +381,7 @@ def report_of(args, size, settings):
             entry["paired_difference"] = {m: t_interval([r[m] - off[r["seed"]][m] for r in on]) for m in PLATEAU_MEASURES}
     n_images = run_demo.SIZES[size]["n_testall"]
     return {"scope": f"synthetic COCO testall, all {n_images} images", "settings": settings, "references": references,
+            "references_by_binding": {f"{b:g}": references_by_binding[b] for b in sorted(other_bindings)},
             "groups": groups, "plateau": {"training": training, "level": PLATEAU_LEVEL, "stay": PLATEAU_STAY,
                                           "iterations_per_epoch": iterations_per_epoch, "weights": plateau},
             "tie_reward": tie_reward(data_path)}
@@ -355,8 +392,11 @@ def markdown(report):
     cols = [f"{d} {HEADERS[m]}" if m == "r1" else HEADERS[m] for d in DIRECTIONS for m in METRICS]
     head = ["| setting | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines = ["Mean ± sample std over seeds (n = seeds); yardsticks on the same split.", ""] + head
-    for name, scores in report["references"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores[d][m]:.2f}" for d in DIRECTIONS for m in METRICS) + " |")
+    yardsticks = [("", report["references"])] + [(f", binding {b}", refs)
+                                                  for b, refs in report.get("references_by_binding", {}).items()]
+    for data, references in yardsticks:
+        for name, scores in references.items():
+            lines.append(f"| {name}{data} | " + " | ".join(f"{scores[d][m]:.2f}" for d in DIRECTIONS for m in METRICS) + " |")
     for g in report["groups"]:
         lines.append(f"| {label(g)} (n={len(g['runs'])}) | " + " | ".join(
             f"{g['mean'][d][m]:.2f} ± {g['std'][d][m]:.2f}" for d in DIRECTIONS for m in METRICS) + " |")
@@ -407,6 +447,8 @@ def markdown(report):
 
 def label(group):
     noise = f", noise {group['noise_rate']:g}" if group.get("noise_rate") else ""
+    if group.get("binding", DEFAULT_BINDING) != DEFAULT_BINDING:
+        noise += f", binding {group['binding']:g}"
     if not group["daa_weight"]:
         return f"{group['module']}, DAA off{noise}"
     return f"{group['module']}, DAA {group['daa_weight']:g} {group['variant']}{noise}"
@@ -456,13 +498,16 @@ def main(argv=None):
                              f"delete it or choose another --out_dir")
     fileio.write_json(settings, settings_path)
 
-    data_path = os.path.join(args.out_dir, "data")
-    for root, noise in [(args.out_dir, 0)] + [(noisy_root(args.out_dir, p), p) for p in noise_rates(size)]:
+    for folder, noise, binding in data_roots(size):
+        root = os.path.join(args.out_dir, folder)
         if not os.path.isfile(os.path.join(root, "data", run_demo.DATA_NAME, "testall.h5")):  # np2h.py's last output
-            run_demo.make_data(size, root, lambda title: f"data: {title}", run_script, noise)
-    for name, path in run_demo.save_reference_matrices(size, args.out_dir, data_path).items():
-        stem = path[:-len(".npy")]
-        score(run_script, path, stem + ".json", stem + "_pmrp.json", data_path, os.path.join(args.out_dir, "coco_ann"), name)
+            run_demo.make_data(size, root, lambda title: f"data: {title}", run_script, noise, binding)
+        if noise:  # evaluated on the clean data's testall, against its yardsticks
+            continue
+        data = data_of(args.out_dir, noise, binding)
+        for name, path in run_demo.save_reference_matrices(size, root, data["evaluate"], binding).items():
+            stem = path[:-len(".npy")]
+            score(run_script, path, stem + ".json", stem + "_pmrp.json", data["evaluate"], data["ann"], name)
 
     entries = GRID[size]
     runs = ([(run, False) for run in grid_runs(entries[:PLATEAU_AFTER])] + [(run, True) for run in plateau_runs(size)]

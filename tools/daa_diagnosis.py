@@ -51,7 +51,7 @@ def train_runs(out_dir, seed, threads):
     for module, weight, variant in RUNS:
         name = ablation.setting_name(module, weight, variant)
         training = dict(run_demo.TRAINING["full"], daa_weight=weight)
-        spec = (name, module, weight, variant, seed, 0)
+        spec = (name, module, weight, variant, seed, 0, ablation.DEFAULT_BINDING)
         folders[name] = ablation.train(run, out_dir, "full", spec, training, name)["model"]
     return folders
 

@@ -104,8 +104,8 @@ def plot_ablation(report, path):
     weights = sorted({g["daa_weight"] for g in groups})
     x_of = {w: k for k, w in enumerate(weights)}  # even spacing: the weights span 0 to 25
 
-    def data_of(group):  # reports made before the noisy entries have no noise_rate
-        return group.get("noise_rate") or 0
+    def data_of(group):  # (noise rate, binding); reports made before the noisy entries have neither
+        return group.get("noise_rate") or 0, group.get("binding")
 
     lines = {}
     for g in groups:
@@ -115,10 +115,10 @@ def plot_ablation(report, path):
             lines.setdefault((g["module"], variant, data_of(g)), []).append(g)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (metric, title) in zip(axes, (("r1", "R@1"), ("asp", "ASP"), ("pmrp", "PMRP"))):
-        for k, ((module, variant, noise), members) in enumerate(sorted(lines.items())):
+        for k, ((module, variant, (noise, binding)), members) in enumerate(sorted(lines.items())):
             members = sorted(members, key=lambda g: g["daa_weight"])
             x = [x_of[g["daa_weight"]] for g in members]
-            data = f" noise {noise:g}" if noise else ""
+            data = (f" noise {noise:g}" if noise else "") + (f" binding {binding:g}" if binding not in (None, 0.5) else "")
             for d, style in (("i2t", "-"), ("t2i", "--")):
                 ax.errorbar(x, [g["mean"][d][metric] for g in members], yerr=[g["std"][d][metric] for g in members],
                             color=f"C{k % 10}", ls=style, marker="o", ms=4, capsize=3,
