@@ -796,12 +796,12 @@ class PCMEppHead(nn.Module):
 
     module_name = "PCMEpp"
 
-    def __init__(self, embed_size):
+    def __init__(self, embed_size, init_scale=PCMEPP_INIT_SCALE, init_shift=PCMEPP_INIT_SHIFT):
         super().__init__()
         self.image_head = GPOGaussianHead(embed_size)
         self.caption_head = GPOGaussianHead(embed_size)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(PCMEPP_INIT_SCALE)))
-        self.shift = nn.Parameter(torch.tensor(PCMEPP_INIT_SHIFT))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.shift = nn.Parameter(torch.tensor(float(init_shift)))
 
     def embed_images(self, regions):
         """(n, R, d) -> (n, 2, d): mean and log-variance."""
@@ -846,7 +846,8 @@ class SimilarityModel(nn.Module):
         elif opt.module_name == "PCME":
             self.sim_enc = PCMEHead(opt.embed_size, opt.pcme_samples)
         elif opt.module_name == "PCMEpp":
-            self.sim_enc = PCMEppHead(opt.embed_size)
+            self.sim_enc = PCMEppHead(opt.embed_size, getattr(opt, "pcmepp_init_scale", PCMEPP_INIT_SCALE),
+                                      getattr(opt, "pcmepp_init_shift", PCMEPP_INIT_SHIFT))
         else:
             self.sim_enc = EncoderSimilarity(opt.embed_size, opt.sim_dim, opt.module_name, opt.sgr_step)
 

@@ -339,6 +339,9 @@ def test_ensembles_and_shortlists_take_pcmepp_and_gpo(pcmepp_run, gpo_run, synth
                                                          "PCMEpp model"),
     (["--module_name", "PCMEpp", "--pcmepp_pseudo_weight", "-1"], "must be numbers of at least 0"),
     (["--module_name", "PCMEpp", "--pcmepp_vib_weight", "nan"], "must be numbers of at least 0"),
+    (["--module_name", "VSE", "--pcmepp_init_shift", "10"], "--pcmepp_init_shift is a PCMEpp option"),
+    (["--module_name", "PCMEpp", "--pcmepp_init_scale", "0"], "--pcmepp_init_scale must be a finite number above 0"),
+    (["--module_name", "PCMEpp", "--pcmepp_init_shift", "inf"], "--pcmepp_init_shift a finite number"),
 ])
 def test_options_of_another_module_are_refused(synth, short, tmp_path, capsys, extra, message):
     argv = train_argv(synth, tmp_path, data_path=short) + extra
@@ -368,8 +371,10 @@ def test_embedding_options_default_to_their_published_values():
     assert pcme.vib_weight == PCME_VIB and (pcmepp.vib_weight, pcmepp.pseudo_weight) == (PCMEPP_VIB, PCMEPP_PSEUDO)
     assert pcme_loss.PCMELoss().vib_weight == PCME_VIB
     assert (pcme_loss.PCMEppLoss().vib_weight, pcme_loss.PCMEppLoss().pseudo_weight) == (PCMEPP_VIB, PCMEPP_PSEUDO)
+    assert (opt.pcmepp_init_scale, opt.pcmepp_init_shift) == (PCMEPP_A, PCMEPP_B)
     assert opts.MODULE_OPTIONS == {"vse_pool": "VSE", "pcme_samples": "PCME", "pcme_vib_weight": "PCME",
-                                   "pcmepp_vib_weight": "PCMEpp", "pcmepp_pseudo_weight": "PCMEpp"}
+                                   "pcmepp_vib_weight": "PCMEpp", "pcmepp_pseudo_weight": "PCMEpp",
+                                   "pcmepp_init_scale": "PCMEpp", "pcmepp_init_shift": "PCMEpp"}
 
 
 def embedding_model(module_name, **changes):
@@ -381,6 +386,8 @@ def test_embedding_heads_start_at_their_published_values():
     """a and b of PCME (30, 30) and PCME++ (5, 5), PCME's 7 samples, GPO's shapes, the initial noise norm."""
     pcme, pcmepp = embedding_model("PCME").sim_enc, embedding_model("PCMEpp").sim_enc
     assert pcme.samples == PCME_SAMPLES
+    moved = embedding_model("PCMEpp", pcmepp_init_scale=8.0, pcmepp_init_shift=12.0).sim_enc  # the options' a, b
+    assert float(moved.log_scale.detach().exp()) == pytest.approx(8.0, rel=1e-6) and float(moved.shift.detach()) == 12.0
     for head, a, b in ((pcme, PCME_A, PCME_B), (pcmepp, PCMEPP_A, PCMEPP_B)):
         assert float(head.log_scale.detach().exp()) == pytest.approx(a, rel=1e-6) and float(head.shift.detach()) == b
     d = 32  # make_opt's embed_size: sum of d variances exp(bias) = 0.1^2
