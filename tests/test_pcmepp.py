@@ -340,6 +340,7 @@ def test_ensembles_and_shortlists_take_pcmepp_and_gpo(pcmepp_run, gpo_run, synth
     (["--module_name", "PCMEpp", "--pcmepp_pseudo_weight", "-1"], "must be numbers of at least 0"),
     (["--module_name", "PCMEpp", "--pcmepp_vib_weight", "nan"], "must be numbers of at least 0"),
     (["--module_name", "VSE", "--pcmepp_init_shift", "10"], "--pcmepp_init_shift is a PCMEpp option"),
+    (["--module_name", "VSE", "--pcmepp_center_means"], "--pcmepp_center_means is a PCMEpp option"),
     (["--module_name", "PCMEpp", "--pcmepp_init_scale", "0"], "--pcmepp_init_scale must be a finite number above 0"),
     (["--module_name", "PCMEpp", "--pcmepp_init_shift", "inf"], "--pcmepp_init_shift a finite number"),
 ])
@@ -374,7 +375,9 @@ def test_embedding_options_default_to_their_published_values():
     assert (opt.pcmepp_init_scale, opt.pcmepp_init_shift) == (PCMEPP_A, PCMEPP_B)
     assert opts.MODULE_OPTIONS == {"vse_pool": "VSE", "pcme_samples": "PCME", "pcme_vib_weight": "PCME",
                                    "pcmepp_vib_weight": "PCMEpp", "pcmepp_pseudo_weight": "PCMEpp",
-                                   "pcmepp_init_scale": "PCMEpp", "pcmepp_init_shift": "PCMEpp"}
+                                   "pcmepp_init_scale": "PCMEpp", "pcmepp_init_shift": "PCMEpp",
+                                   "pcmepp_center_means": "PCMEpp"}
+    assert opt.pcmepp_center_means is False  # PCME++ has no centring: off unless asked
 
 
 def embedding_model(module_name, **changes):
