@@ -70,8 +70,9 @@ def build_parser():
     parser.add_argument("--pcmepp_init_scale", default=5.0, type=float,
                         help="PCMEpp only: initial a of the training logits -a CSD + b (learned; PCME++'s config: 5)")
     parser.add_argument("--pcmepp_center_means", action="store_true",
-                        help="PCMEpp only, not in PCME++: subtract each modality's centre (the batch's mean in training, "
-                             "a running mean in evaluation) from the pooled means before their l2 normalisation")
+                        help="PCMEpp only, not in PCME++: subtract each modality's centre (the batch's mean in "
+                             "training, a running mean in evaluation) from the pooled means before their l2 "
+                             "normalisation")
     parser.add_argument("--pcmepp_init_shift", default=5.0, type=float,
                         help="PCMEpp only: initial b of the training logits -a CSD + b (learned; PCME++'s config: 5). "
                              "-a CSD + b > 0 where the means' cosine exceeds 1 - b / (2a) (sigma^2 aside): 0.5 at 5, 5")

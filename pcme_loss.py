@@ -19,8 +19,8 @@ cross-entropy with logits, averaged over the B x B pairs, its i2t and t2i direct
 batch's matches: the diagonal and, as in PCME++'s training step, the pairs of an image drawn twice into the
 batch (two of its captions), which a plain identity would push apart as a mismatch;
 P_i2t[i, j] = 1 where logit[i, j] >= logit[i, i] (pseudo-positives of image i, its own caption among
-them) or I[i, j], P_t2i[i, j] = 1 where logit[i, j] >= logit[j, j] or I[i, j], labels that carry no gradient; KL the mean over
-items and dims, per modality, of the two modalities' KL to N(0, I). The factor B^2 turns PCME++'s means
+them) or I[i, j], P_t2i[i, j] = 1 where logit[i, j] >= logit[j, j] or I[i, j], labels that carry no gradient;
+KL the mean over items and dims, per modality, of the two modalities' KL to N(0, I). The factor B^2 turns PCME++'s means
 over the B x B pairs into sums, as PCME's soft contrastive above (and PCME's code) sums its pairs, so that
 --daa_weight weighs DAA against the matching loss as it does for PCME (README: PCME++'s mean let DAA at
 weight 1 swamp the matching loss); PCME++'s own terms keep their ratios. DAA ranks S = -CSD, the score

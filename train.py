@@ -77,7 +77,8 @@ def check_options(opt):
         raise InputError("--pcme_samples must be at least 1 and --pcme_vib_weight cannot be negative")
     if not (opt.pcmepp_vib_weight >= 0 and opt.pcmepp_pseudo_weight >= 0):
         raise InputError("--pcmepp_vib_weight and --pcmepp_pseudo_weight must be numbers of at least 0")
-    if not (opt.pcmepp_init_scale > 0 and math.isfinite(opt.pcmepp_init_scale) and math.isfinite(opt.pcmepp_init_shift)):
+    scale, shift = opt.pcmepp_init_scale, opt.pcmepp_init_shift
+    if not (scale > 0 and math.isfinite(scale) and math.isfinite(shift)):
         raise InputError("--pcmepp_init_scale must be a finite number above 0 and --pcmepp_init_shift a finite number")
     check_world_size(opt.world_size, device_type(opt))
     if opt.amp == "fp16" and device_type(opt) != "cuda":
