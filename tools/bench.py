@@ -746,6 +746,7 @@ def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
             timers[key] = 0.0
         start = time.perf_counter()
         img_embs, caps = scoring.encode(model, images, captions, device)
+        scoring.release_freed_memory()  # as evaluation.py does after encoding
         timers["encoding"] = time.perf_counter() - start
         scores = scoring.ModelScores([(model, img_embs, caps, device)], shard_size)
         if in_memory:
