@@ -28,7 +28,7 @@ import numpy as np
 from errors import InputError
 
 KINDS = ("exact", "hnsw", "ivf")
-INDEXED_MODULES = ("VSE", "PCME")  # shortlist models with one embedding per item (search_vectors)
+INDEXED_MODULES = ("VSE", "PCME", "PCMEpp")  # shortlist models with one embedding per item (search_vectors)
 HNSW_NEIGHBOURS = 32  # graph degree M
 HNSW_EF_CONSTRUCTION = 200
 # efSearch: the candidate list, at least 5/4 of k (see search). Measured (tools.bench stand-in embeddings, 2,000
@@ -55,17 +55,20 @@ def augment(queries, query_terms, gallery, gallery_terms):
 
 def search_vectors(module_name, img_rows, cap_rows):
     """The vectors to search of a shortlist model's encoded rows (scoring.encode's: VSE (n, d) unit
-    vectors, PCME (n, 2, d) mean and log-variance): ((image queries, caption gallery) for i2t,
-    (caption queries, image gallery) for t2i), float32, inner product = the model's ranking."""
+    vectors, PCME and PCMEpp (n, 2, d) mean and log-variance): ((image queries, caption gallery) for i2t,
+    (caption queries, image gallery) for t2i), float32, inner product = the model's ranking (PCMEpp's:
+    -CSD itself, model.negative_csd)."""
     img_rows, cap_rows = np.asarray(img_rows, dtype=np.float32), np.asarray(cap_rows, dtype=np.float32)
     if module_name == "VSE":
         return (img_rows, cap_rows), (cap_rows, img_rows)
-    if module_name == "PCME":  # eval mode scores the means' distance: no per-item terms
+    if module_name in ("PCME", "PCMEpp"):
+        # per-item terms: PCME's eval mode scores the means' distance alone, PCME++'s CSD adds the summed variances
         means_i, means_c = img_rows[:, 0], cap_rows[:, 0]
-        zeros_i, zeros_c = np.zeros(len(means_i)), np.zeros(len(means_c))
-        return augment(means_i, zeros_i, means_c, zeros_c), augment(means_c, zeros_c, means_i, zeros_i)
-    raise InputError(f"--shortlist_index needs a shortlist model with one embedding per item (VSE, PCME); "
-                     f"{module_name} scores every pair with a network")
+        terms_i, terms_c = (np.exp(rows[:, 1].astype(np.float64)).sum(1) if module_name == "PCMEpp"
+                            else np.zeros(len(rows)) for rows in (img_rows, cap_rows))
+        return augment(means_i, terms_i, means_c, terms_c), augment(means_c, terms_c, means_i, terms_i)
+    raise InputError(f"--shortlist_index needs a shortlist model with one embedding per item "
+                     f"({', '.join(INDEXED_MODULES)}); {module_name} scores every pair with a network")
 
 
 def build(kind, gallery, threads=1):
