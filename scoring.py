@@ -86,8 +86,8 @@ def _stacked(parts, n_parts):
     """torch.cat of the tensors `parts` yields (n_parts of them, each (b, ...)), each copied into its place as it
     comes and then freed, never all held beside their concatenation. Holding them cost more than three times
     the result, the freed pieces staying in the C heap, fragmented (VSE, 25,000 random full-dim captions:
-    a peak of 347 MB for 98 MB of embeddings; 207 MB copied in place). Rows: n_parts x the first part's, the loaders' fixed batch size (a longer part grows it).
-    None when there is no part."""
+    a peak of 347 MB for 98 MB of embeddings; 207 MB copied in place). Rows: n_parts x the first part's,
+    the loaders' fixed batch size (a longer part grows it). None when there is no part."""
     out, row = None, 0
     for part in parts:
         if out is None:
