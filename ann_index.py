@@ -92,10 +92,13 @@ def build(kind, gallery, threads=1):
     return index
 
 
-def search(index, queries, k):
-    """Ids of each query's k best gallery items (int64 (n_q, k), -1 where the index found fewer)."""
+def search(index, queries, k, effort=None):
+    """Ids of each query's k best gallery items (int64 (n_q, k), -1 where the index found fewer). effort:
+    HNSW's efSearch (at least k) or IVF's cells probed instead of the defaults (a trade-off curve)."""
     if hasattr(index, "hnsw"):
-        index.hnsw.efSearch = max(HNSW_EF_SEARCH, 5 * k // 4)
+        index.hnsw.efSearch = max(k, effort) if effort else max(HNSW_EF_SEARCH, 5 * k // 4)
+    elif effort:
+        index.nprobe = min(index.nlist, effort)
     _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return ids.astype(np.int64)
 
