@@ -230,6 +230,7 @@ def score_chunks(i2t_chunks, t2i_chunks, n_images, n_captions):
             ranks[start:start + len(rows)], part_sum = part(rows, first, sems)
             total = None if part_sum is None else total + part_sum
             seen += len(rows)
+            del rows, sems  # not held while the next chunk is made (a streamed chunk is made on demand)
         if seen != n_queries:
             raise ValueError(f"{name}: chunks hold {seen} queries, expected {n_queries}")
         out[name] = _direction(summary(ranks, total, n_gallery))

@@ -196,10 +196,11 @@ def test_two_stage_values_of_any_candidates():
 
 @pytest.fixture(scope="module")
 def any_main(synth, tmp_path_factory):
-    """One tiny checkpoint of every module, and another VSE as the shortlist model."""
+    """One tiny checkpoint of every module, and another VSE as the shortlist model (PCMEpp: a shortlist model
+    only, below)."""
     d = tmp_path_factory.mktemp("any_main")
     ckpts = {m: _tiny_checkpoint(synth, str(d / f"{m}.pth.tar"), m, seed) for seed, m in enumerate(("SGR", "SAF", "VSE",
-                                                                                                     "PCME"))}
+                                                                                                     "PCME", "PCMEpp"))}
     ckpts["shortlist"] = _tiny_checkpoint(synth, str(d / "shortlist.pth.tar"), "VSE", 7)
     return ckpts
 
@@ -328,6 +329,48 @@ def test_augmented_vectors_give_the_distance_scores():
         np.testing.assert_allclose(cq @ ig.T, (iq @ cg.T).T, atol=1e-5)  # t2i: the same scores, transposed
 
 
+def test_pcmepp_search_vectors_are_minus_csd():
+    """PCME++'s search vectors: inner products = -CSD of model.negative_csd (the variance sums are per-item
+    terms), so they rank as it does, both directions."""
+    import ann_index
+    import torch
+
+    from model import PCMEppHead, negative_csd
+    torch.manual_seed(0)
+    head = PCMEppHead(6).eval()
+    with torch.no_grad():
+        img = head.embed_images(torch.randn(5, 4, 6))
+        cap = head.embed_captions(torch.randn(9, 3, 6), torch.tensor([3, 2, 1] * 3))
+        # log-variances around 0, not the untrained heads' about -7: variance sums of the means' scale that
+        # differ between items, a real per-item term
+        img[:, 1], cap[:, 1] = torch.randn(5, 6), torch.randn(9, 6)
+        expected = negative_csd(img.double(), cap.double()).numpy()
+    assert np.ptp(np.exp(img[:, 1].numpy()).sum(1)) > 1
+    (iq, cg), (cq, ig) = ann_index.search_vectors("PCMEpp", img.numpy(), cap.numpy())
+    assert iq.shape == (5, 8) and cg.shape == (9, 8)
+    np.testing.assert_allclose(iq.astype(np.float64) @ cg.T, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cq.astype(np.float64) @ ig.T, expected.T, rtol=0, atol=1e-5)
+    assert (np.argsort(-(iq @ cg.T), 1, kind="stable") == np.argsort(-expected, 1, kind="stable")).all()
+
+
+def test_pcmepp_shortlist_through_an_index(synth, any_main, tmp_path, one_thread):
+    """--shortlist PCMEpp --shortlist_index hnsw end to end on 50 x 250: the index finds (nearly) all of the
+    exact top 5 of -CSD; where it found all, the exact shortlist's metrics; K = the gallery = plain."""
+    main = ["--model_path", any_main["VSE"], "--shortlist", any_main["PCMEpp"]]
+    exact = _run(synth, tmp_path, *main, "--shortlist_k", "5")
+    indexed = _run(synth, tmp_path, *main, "--shortlist_k", "5", "--shortlist_index", "hnsw")
+    info = indexed["shortlist"]["index"]
+    assert indexed["shortlist"]["module_name"] == "PCMEpp" and info["kind"] == "hnsw"
+    assert info["i2t_recall"] >= 0.99 and info["t2i_recall"] >= 0.99
+    if info["i2t_recall"] == info["t2i_recall"] == 1.0:
+        for d in ("i2t", "t2i"):
+            assert indexed[d] == exact[d]
+    whole = _run(synth, tmp_path, *main, "--shortlist_k", "250", "--shortlist_index", "hnsw")
+    plain = _run(synth, tmp_path, "--model_path", any_main["VSE"])
+    for d in ("i2t", "t2i"):
+        assert whole[d] == plain[d]
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_index_recall_on_small_data(synth, any_main, tmp_path, one_thread, kind):
     """--shortlist_index on 50 x 250: the report gives the recall of the exact top K and the times; where the
@@ -339,7 +382,7 @@ def test_index_recall_on_small_data(synth, any_main, tmp_path, one_thread, kind)
     assert info["kind"] == kind and 0 < info["i2t_recall"] <= 1 and 0 < info["t2i_recall"] <= 1
     assert info["build_seconds"] > 0 and info["search_seconds"] > 0 and info["exact_seconds"] > 0
     assert "index" not in exact["shortlist"]
-    if kind == "hnsw":  # a graph over 50 or 250 points searched with ef = 256 visits all of them; a caption the
+    if kind == "hnsw":  # a graph over 50 or 250 points searched with ef = 128 visits most of them; a caption the
         # split holds twice ties with its copy, and the index may return either (exact top K: the lower index)
         assert info["i2t_recall"] >= 0.99 and info["t2i_recall"] >= 0.99
     if info["i2t_recall"] == info["t2i_recall"] == 1.0:

@@ -120,6 +120,7 @@ CASES = ("similarity", "train", "daa", "asp", "pmrp", "tfidf", "embedding", "np2
 EXTRA_CASES = ("large_gallery",)  # run only when named in --cases (the full size runs for many minutes)
 LARGE_GALLERY_IMAGES = 25000  # 5x COCO 5K each way: 25,000 images x 125,000 captions
 ANN_K = 100  # the large_gallery case's ANN rows: recall of each query's exact top 100
+ANN_EFFORTS = {"hnsw": (100, 256, 512), "ivf": (4, 16, 64)}  # their trade-off curves: efSearch, cells probed
 REPEAT_UNDER_S = 1.0  # runs shorter than this are repeated (best of MAX_RUNS)
 MAX_RUNS = 3  # 1 with --quick, a smoke run
 COCO_TRAIN_IMAGES = 113287  # (113,287, 36, 2048) float32 = 31.1 GB (MB and GB here are 2^20 and 2^30 bytes)
@@ -700,28 +701,42 @@ class _Timed:
 
 
 def ann_rows(n_i, n_c, dim):
-    """--shortlist_index at n_i images x n_c captions: {kind: (i2t recall, t2i recall, build seconds, search
-    seconds, exact seconds)} for hnsw and ivf: the recall of each query's exact top ANN_K, the indexes'
-    building and searching, and exact search (products of chunks of queries and their top K), both directions.
-    The vectors are standin_embeddings (a random model's embeddings are nearly all alike: no neighbours
-    to find), as VSE's unit vectors are searched."""
+    """--shortlist_index at n_i images x n_c captions: ({kind: (i2t recall, t2i recall, build seconds, search
+    seconds, exact seconds)} for hnsw and ivf at ann_index's defaults, {kind: [(effort, i2t recall, t2i recall,
+    search seconds)]} at the ANN_EFFORTS of each kind, the same indexes searched again): the recall of each
+    query's exact top ANN_K, the indexes' building and searching, and exact search (products of chunks of
+    queries and their top K), both directions. The vectors are standin_embeddings, as VSE's unit vectors are
+    searched."""
     images, captions = (t.numpy() for t in standin_embeddings(n_i, n_c, dim))
-    (img_q, cap_g), (cap_q, img_g) = ann_index.search_vectors("VSE", images, captions)
+    directions = dict(zip(("i2t", "t2i"), ann_index.search_vectors("VSE", images, captions)))
     threads = torch.get_num_threads()
     exact, exact_s = {}, 0.0
-    for direction, queries, gallery in (("i2t", img_q, cap_g), ("t2i", cap_q, img_g)):
+    for direction, (queries, gallery) in directions.items():
         start = time.perf_counter()
         step = max(1, scoring.STREAM_CHUNK_BYTES // (4 * len(gallery)))
         exact[direction] = np.concatenate([topk_rows(queries[a:a + step] @ gallery.T, ANN_K)
                                            for a in range(0, len(queries), step)])
         exact_s += time.perf_counter() - start
-    out = {}
+    out, curve = {}, {}
     for kind in ("hnsw", "ivf"):
-        i2t_ids, i2t_build, i2t_search = ann_index.top_k(kind, img_q, cap_g, ANN_K, threads)
-        t2i_ids, t2i_build, t2i_search = ann_index.top_k(kind, cap_q, img_g, ANN_K, threads)
-        out[kind] = (ann_index.recall(i2t_ids, exact["i2t"]), ann_index.recall(t2i_ids, exact["t2i"]),
-                     i2t_build + t2i_build, i2t_search + t2i_search, exact_s)
-    return out
+        build_s, indexes = 0.0, {}
+        for direction, (queries, gallery) in directions.items():
+            start = time.perf_counter()
+            indexes[direction] = ann_index.build(kind, gallery, threads)
+            build_s += time.perf_counter() - start
+        curve[kind] = []
+        for effort in (None,) + ANN_EFFORTS[kind]:
+            recalls, search_s = [], 0.0
+            for direction, (queries, _) in directions.items():
+                start = time.perf_counter()
+                ids = ann_index.search(indexes[direction], queries, ANN_K, effort)
+                search_s += time.perf_counter() - start
+                recalls.append(ann_index.recall(ids, exact[direction]))
+            if effort is None:
+                out[kind] = (*recalls, build_s, search_s, exact_s)
+            else:
+                curve[kind].append((effort, *recalls, search_s))
+    return out, curve
 
 
 def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
@@ -746,6 +761,7 @@ def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
             timers[key] = 0.0
         start = time.perf_counter()
         img_embs, caps = scoring.encode(model, images, captions, device)
+        scoring.release_freed_memory()  # as evaluation.py does after encoding
         timers["encoding"] = time.perf_counter() - start
         scores = scoring.ModelScores([(model, img_embs, caps, device)], shard_size)
         if in_memory:
@@ -776,7 +792,7 @@ def large_gallery_run(sizes, device, n_i, shard_size, in_memory=False):
 
     total_s, peak_mb, report = measure(project, device, once=True)
     if not in_memory:  # timed apart from the streamed evaluation
-        report["index"] = ann_rows(n_i, n_c, sizes["dims"][2])
+        report["index"], report["index_curve"] = ann_rows(n_i, n_c, sizes["dims"][2])
     return total_s, peak_mb, report, dict(timers), encoder_flops(sizes, n_i, caption_words) / 1e9
 
 
@@ -829,7 +845,11 @@ def bench_large_gallery(sizes, device, n_images, sgemm):
                              + "".join(f"{kind} index (stand-in embeddings): recall of the exact top {ANN_K} i2t "
                                        f"{i2t:.4f} / t2i {t2i:.4f}, built in {build:.1f} s, searched in {search:.1f} s "
                                        f"against {exact:.1f} s of exact search (products + top {ANN_K}): "
-                                       f"{exact / max(search, 1e-9):.1f}x; "
+                                       f"{exact / max(search, 1e-9):.1f}x ("
+                                       + ", ".join(f"{'efSearch' if kind == 'hnsw' else 'nprobe'} {effort}: "
+                                                   f"{min(c_i2t, c_t2i):.4f}, {exact / max(c_s, 1e-9):.1f}x"
+                                                   for effort, c_i2t, c_t2i, c_s in report["index_curve"][kind])
+                                       + "); "
                                        for kind, (i2t, t2i, build, search, exact) in report["index"].items()) + f"peak {peak_mb:,.0f} MB against "
                              f"{matrix_mb:,.0f} MB for the matrix alone; growth {small:,} -> {large:,} images: time "
                              f"x n^{time_power:.2f}, memory x n^{mem_power:.2f}; R@1 i2t {report['i2t']['r1']:.2f}; "
@@ -909,12 +929,31 @@ def bench_np2h(sizes, tmp_dir):
 
 
 def standin_embeddings(n_images, n_captions, dim, seed=5):
-    """What an embedding model (VSE) scores: l2-normalised (n_images, dim) and (n_captions, dim) embeddings,
-    caption j its image j // 5's plus Gaussian noise (0.3 per dimension: a retrieval task, neither trivial nor
-    random)."""
+    """What a trained embedding model (VSE) scores, built as make_synthetic_data.py builds its data: each image
+    holds 2-4 objects of 80 categories (skewed frequencies) with one of 8 colours, in one of 8 scenes; its
+    embedding is the sum of those concepts' fixed random unit prototypes (each object's category + half its
+    colour, the scene at half weight) plus its own noise, the image's 4 remaining degrees of freedom
+    (norm 0.5); caption j is its image j // 5's plus a caption's noise (norm 0.5: cosine ~0.9 to its image,
+    as a trained model puts a caption near its image). l2-normalised float32 (n_images, dim), (n_captions, dim).
+
+    The noise lives in a 64-dimensional subspace, as a trained model's embeddings concentrate on a few
+    directions: an index then finds the same neighbours a trained model's would. (Isotropic noise over
+    every dimension, as before, makes every item's neighbours random directions, which no trained model
+    gives: recall 0.25 at 25K x 125K.)"""
     gen = torch.Generator().manual_seed(seed)
-    images = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=gen), dim=1)
-    captions = images.repeat_interleave(5, 0) + 0.3 * torch.randn(n_captions, dim, generator=gen)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1)  # noqa: E731
+    categories, colours, scenes, basis = unit(80, dim), unit(8, dim), unit(8, dim), unit(64, dim)
+    weights = 1.0 / torch.arange(1, 81) ** 0.7  # skewed category frequencies
+    n_objects = torch.randint(2, 5, (n_images,), generator=gen)
+    objects = torch.multinomial(weights.expand(n_images, -1), 4, replacement=False, generator=gen)  # (n, 4)
+    present = (torch.arange(4) < n_objects[:, None]).float()[..., None]  # (n, 4, 1)
+    colour = torch.randint(0, 8, (n_images, 4), generator=gen)
+    images = (present * (categories[objects] + 0.5 * colours[colour])).sum(1)
+    images = images + 0.5 * scenes[torch.randint(0, 8, (n_images,), generator=gen)]
+    noise = lambda n: torch.nn.functional.normalize(torch.randn(n, 64, generator=gen), dim=1) @ basis  # noqa: E731
+    images = torch.nn.functional.normalize(images, dim=1)
+    images = torch.nn.functional.normalize(images + 0.5 * noise(n_images), dim=1)
+    captions = images.repeat_interleave(5, 0)[:n_captions] + 0.5 * noise(n_captions)
     return images, torch.nn.functional.normalize(captions, dim=1)
 
 
