@@ -18,10 +18,10 @@ import torch
 
 import checkpoint
 import data
+import embedding_models
 import errors
 import evaluation
 import make_synthetic_data
-import model
 import opts
 import pcme_loss
 import train
@@ -129,10 +129,10 @@ def test_gpo_pools_as_its_restatement_for_every_length_and_ignores_padding():
     """Lengths 1..9 in one batch, padded positions full of large values of both signs: the pooled vectors and
     the gradients (features and GRU/linear weights) equal the item-by-item restatement."""
     torch.manual_seed(0)
-    gpo = model.GPO().double()
+    gpo = embedding_models.GPO().double()
     lengths = torch.tensor([9, 1, 4, 7, 2, 5, 8, 3, 6])
     local = torch.randn(9, 9, 5, dtype=torch.float64)
-    mask = model.word_mask(lengths, 9, "cpu")
+    mask = embedding_models.word_mask(lengths, 9, "cpu")
     local = torch.where(mask[..., None], local, 1e3 * torch.randn(9, 9, 5, dtype=torch.float64)).requires_grad_()
     pooled = gpo(local, mask)
     expected = torch.stack([gpo_loop(gpo, local[i], int(lengths[i])) for i in range(9)])
@@ -155,7 +155,7 @@ def test_gpo_sorts_each_dimension():
     """A permutation of an item's real positions does not change its pooled vector; with one position far above
     the others in every dimension GPO gives w_1 times it plus the rest, as the weights of the sorted values."""
     torch.manual_seed(1)
-    gpo = model.GPO().double()
+    gpo = embedding_models.GPO().double()
     local = torch.randn(1, 6, 4, dtype=torch.float64)
     mask = torch.ones(1, 6, dtype=torch.bool)
     shuffled = local[:, torch.randperm(6)]
@@ -393,8 +393,8 @@ def test_embedding_heads_start_at_their_published_values():
         gru = gpo.gru
         assert (gru.input_size, gru.hidden_size, gru.num_layers, gru.bidirectional) == (GPO_PE, GPO_HIDDEN, 1, True)
         assert (gpo.linear.in_features, gpo.linear.out_features, gpo.linear.bias) == (GPO_HIDDEN, 1, None)
-    assert (model.GPO_PE_DIM, model.GPO_HIDDEN, model.GPO_TEMPERATURE) == (GPO_PE, GPO_HIDDEN, GPO_TEMPERATURE)
-    torch.testing.assert_close(model.sinusoid_positions(40, GPO_PE, torch.float64), positions_loop(40))
+    assert (embedding_models.GPO_PE_DIM, embedding_models.GPO_HIDDEN, embedding_models.GPO_TEMPERATURE) == (GPO_PE, GPO_HIDDEN, GPO_TEMPERATURE)
+    torch.testing.assert_close(embedding_models.sinusoid_positions(40, GPO_PE, torch.float64), positions_loop(40))
 
 
 def test_pcme_probability_is_pcmes_sigma_at_15():
