@@ -30,7 +30,8 @@ import evaluation
 import opts
 from checkpoint import add_module_prefix, check_vocab, load_checkpoint, save_checkpoint
 from daa_loss import DAALoss
-from distributed import check_world_size, free_port, init_group, launched_by_torchrun, process_device, set_threads
+from distributed import (check_world_size, free_port, init_group, launched_by_torchrun, lost_peer_exits, process_device,
+                         set_threads)
 from errors import InputError, TrainingDiverged, run
 from fileio import check_output
 from layout import dataset_dir
@@ -480,19 +481,14 @@ def distributed_process(rank, opt, init_method):
     """Entry point of one process of a K-process run, started by --world_size or by torchrun (one or
     several machines): turn failures into one line and an exit code, never a traceback."""
     try:
-        train_process(rank, opt, init_method)
+        with lost_peer_exits(rank, "training"):
+            train_process(rank, opt, init_method)
     except InputError as err:
         print(f"error: rank {rank}: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as err:
         print(f"error: rank {rank}: training diverged: {err}", file=sys.stderr)
         sys.exit(3)
-    except (RuntimeError, dist.DistBackendError) as err:
-        if not dist.is_initialized():
-            raise
-        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        print(f"error: rank {rank}: lost contact with another training process ({detail})", file=sys.stderr)
-        os._exit(3)  # skip destroy_process_group, which would wait for the dead peer
 
 
 # ------------------------------------------------------------------------------------------------

@@ -365,6 +365,39 @@ def test_validation_scores_the_model_on_the_dev_cut(synth, tiny_ckpts):
     assert_scores(metrics, brute_scores(S, relevance_dense(captions_text).astype(np.float32)))
 
 
+def test_a_lost_peer_under_torchrun_is_one_line(synth, tiny_ckpts, tmp_path, monkeypatch, capsys):
+    """evaluation.py under torchrun (here a group of one, env:// as torchrun sets it up): a collective that
+    fails because a peer is gone is one line, exit 3, as train.py's (distributed.lost_peer_exits serves both),
+    not a traceback from inside torch.distributed; nothing is written. gloo's own message is what is raised."""
+    import torch.distributed as dist
+
+    import distributed
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(distributed.free_port()))):
+        monkeypatch.setenv(name, value)
+
+    def peer_gone(args, argv):
+        assert dist.is_initialized()
+        raise dist.DistBackendError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500\n"
+                                    "Exception raised from recvBytes")
+
+    def exit_now(code):  # os._exit would end pytest
+        raise SystemExit(code)
+
+    monkeypatch.setattr(evaluation, "evaluate", peer_gone)
+    monkeypatch.setattr(distributed.os, "_exit", exit_now)
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit) as exit_:
+        evaluation.main(["--model_path", tiny_ckpts[0], "--vocab_path", synth.vocab_path, "--split", "testall",
+                         "--device", "cpu", "--json", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 3 and len(err) == 1, err
+    assert err[0] == ("error: rank 0: lost contact with another evaluation process ([gloo/transport/tcp/pair.cc:534] "
+                      "Connection closed by peer [127.0.0.1]:29500)")
+    assert not out.exists() and not dist.is_initialized()
+
+
 def test_eccv_needs_testall(synth, tiny_ckpts, capsys, tmp_path):
     out = tmp_path / "never.json"
     _expect_error(capsys, ["--model_path", tiny_ckpts[0], "--vocab_path", synth.vocab_path, "--split", "testall",

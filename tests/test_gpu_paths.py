@@ -219,10 +219,9 @@ def test_a_failed_rank_reports_its_cause(monkeypatch):
         raise InputError("data/f30k_precomp/test_ims.npy: feature file not found")
 
     monkeypatch.setattr(distributed, "init_group", lambda *args, **kwargs: None)
-    monkeypatch.setattr(evaluation, "evaluate", fail)
     failures = queue.SimpleQueue()
     with pytest.raises(SystemExit) as exit_:
-        evaluation.evaluation_rank(1, argparse.Namespace(world_size=2, threads=0), [], "tcp://x", "cpu", failures)
+        distributed.spawned_rank(1, 2, "tcp://x", "cpu", 0, failures, fail, (argparse.Namespace(), []))
     assert exit_.value.code == 2
 
     class Rank:  # a spawned rank: one that failed and left, or one still waiting in a collective
@@ -239,9 +238,9 @@ def test_a_failed_rank_reports_its_cause(monkeypatch):
             pass
 
     ranks = [Rank(False), Rank(True)]
-    assert evaluation.end_ranks(ranks, failures) == "rank 1: data/f30k_precomp/test_ims.npy: feature file not found"
+    assert distributed.end_ranks(ranks, failures) == "rank 1: data/f30k_precomp/test_ims.npy: feature file not found"
     assert all(r.ended and not r.alive for r in ranks) and failures.empty()
-    assert evaluation.end_ranks([Rank(True)], failures, wait_s=0.2) is None  # nothing reported: rank 0's own error
+    assert distributed.end_ranks([Rank(True)], failures, wait_s=0.2) is None  # nothing reported: rank 0's own error
 
 
 def test_precision_fp32_turns_cudnn_tf32_off():
