@@ -85,9 +85,10 @@ def check_options(opt):
 
 def check_module_options(opt, given):
     """InputError for an option `given` ({name: value}) that the run's module does not read (opts.MODULE_OPTIONS)."""
-    for name, module_name in opts.MODULE_OPTIONS.items():
-        if name in given and opt.module_name != module_name:
-            raise InputError(f"--{name} is a {module_name} option, but this run trains a {opt.module_name} model")
+    for name, module_names in opts.MODULE_OPTIONS.items():
+        if name in given and opt.module_name not in module_names:
+            raise InputError(f"{opts.option_flags(name)} is a {'/'.join(module_names)} option, but this run trains a "
+                             f"{opt.module_name} model")
 
 
 def build_criterion(opt):

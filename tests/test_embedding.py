@@ -368,7 +368,11 @@ def test_ensembles_pair_two_different_modules(vse_run, pcme_run, synth, tmp_path
 @pytest.mark.parametrize("module_name, extra", [("VSE", []), ("PCME", []), ("VSE", ["--vse_pool", "gpo"]),
                                                 ("PCMEpp", [])])
 def test_embedding_models_learn_with_daa(module_name, extra, synth, tmp_path):
-    argv = train_argv(synth, tmp_path, dims=SMALL_DIMS) + LEARNING_RUN + ["--module_name", module_name, *extra]
+    run = LEARNING_RUN
+    if module_name != "VSE":  # no hinge to warm up: train.py refuses --warmup_epochs on PCME and PCMEpp
+        at = run.index("--warmup_epochs")
+        run = run[:at] + run[at + 2:]
+    argv = train_argv(synth, tmp_path, dims=SMALL_DIMS) + run + ["--module_name", module_name, *extra]
     assert errors.run(train.main, argv) == 0
     report = scores(str(tmp_path / "run" / "model_best.pth.tar"), synth, "test")
     print(module_name, *extra, "test R@10 i2t %.1f t2i %.1f" % (report["i2t"]["r10"], report["t2i"]["r10"]))

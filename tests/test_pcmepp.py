@@ -337,6 +337,12 @@ def test_ensembles_and_shortlists_take_pcmepp_and_gpo(pcmepp_run, gpo_run, synth
     (["--module_name", "SAF", "--pcmepp_pseudo_weight", "0.2"], "--pcmepp_pseudo_weight is a PCMEpp option"),
     (["--module_name", "PCMEpp", "--pcme_samples", "3"], "--pcme_samples is a PCME option, but this run trains a "
                                                          "PCMEpp model"),
+    (["--module_name", "PCME", "--margin", "0.1"], "--margin is a SGR/SAF/VSE option, but this run trains a PCME model"),
+    (["--module_name", "PCMEpp", "--warmup_epochs", "1"], "--warmup_epochs is a SGR/SAF/VSE option, but this run "
+                                                         "trains a PCMEpp model"),
+    (["--module_name", "PCME", "--no_max_violation"], "--max_violation/--no_max_violation is a SGR/SAF/VSE option, "
+                                                      "but this run trains a PCME model"),
+    (["--module_name", "PCMEpp", "--max_violation"], "--max_violation/--no_max_violation is a SGR/SAF/VSE option"),
     (["--module_name", "PCMEpp", "--pcmepp_pseudo_weight", "-1"], "must be numbers of at least 0"),
     (["--module_name", "PCMEpp", "--pcmepp_vib_weight", "nan"], "must be numbers of at least 0"),
 ])
@@ -368,8 +374,10 @@ def test_embedding_options_default_to_their_published_values():
     assert pcme.vib_weight == PCME_VIB and (pcmepp.vib_weight, pcmepp.pseudo_weight) == (PCMEPP_VIB, PCMEPP_PSEUDO)
     assert pcme_loss.PCMELoss().vib_weight == PCME_VIB
     assert (pcme_loss.PCMEppLoss().vib_weight, pcme_loss.PCMEppLoss().pseudo_weight) == (PCMEPP_VIB, PCMEPP_PSEUDO)
-    assert opts.MODULE_OPTIONS == {"vse_pool": "VSE", "pcme_samples": "PCME", "pcme_vib_weight": "PCME",
-                                   "pcmepp_vib_weight": "PCMEpp", "pcmepp_pseudo_weight": "PCMEpp"}
+    hinge = ("SGR", "SAF", "VSE")
+    assert opts.MODULE_OPTIONS == {"vse_pool": ("VSE",), "pcme_samples": ("PCME",), "pcme_vib_weight": ("PCME",),
+                                   "pcmepp_vib_weight": ("PCMEpp",), "pcmepp_pseudo_weight": ("PCMEpp",),
+                                   "margin": hinge, "max_violation": hinge, "warmup_epochs": hinge}
 
 
 def embedding_model(module_name, **changes):
