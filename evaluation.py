@@ -73,7 +73,9 @@ def build_parser():
     p.add_argument("--sims", action="append", default=[],
                    help="saved (n_images, n_captions) .npy to score instead of a model; repeat to average")
     p.add_argument("--data_path", default=None, help="data folder (default: the checkpoint's; required with --sims)")
-    p.add_argument("--data_name", default=None, help="with --sims: f30k_precomp, coco_precomp, ...")
+    p.add_argument("--data_name", default=None,
+                   help="with --sims: f30k_precomp, coco_precomp, ...; with a checkpoint it is the checkpoint's "
+                        "(another name is refused)")
     p.add_argument("--vocab_path", default=None,
                    help="folder with {data_name}_vocab.json "
                         "(default: the checkpoint's vocabulary, else its vocab_path)")
@@ -320,6 +322,9 @@ def check_before_scoring(args, model_paths):
     if model_paths:
         options = [checkpoint.load_checkpoint(path)["opt"] for path in model_paths]
         data_path, data_name = args.data_path or options[0].data_path, options[0].data_name
+        if args.data_name not in (None, data_name):  # never silently score another dataset than the one asked for
+            raise InputError(f"--data_name {args.data_name}: {model_paths[0]} was trained on {data_name}, whose "
+                             f"split a checkpoint is scored on (--data_path may point at another copy of it)")
         if len(options) == 2 and options[1].data_name != data_name:
             raise InputError(f"{model_paths[1]}: trained on {options[1].data_name}, but {model_paths[0]} on "
                              f"{data_name}; an ensemble pair scores one dataset")

@@ -398,6 +398,18 @@ def test_a_lost_peer_under_torchrun_is_one_line(synth, tiny_ckpts, tmp_path, mon
     assert not out.exists() and not dist.is_initialized()
 
 
+def test_data_name_must_be_the_checkpoints(synth, tiny_ckpts, capsys, tmp_path):
+    """--data_name with --model_path: the checkpoint's data name decides which dataset is scored, so another one
+    is refused (one line, nothing written) instead of being silently ignored; the checkpoint's own is accepted."""
+    out = tmp_path / "never.json"
+    base = ["--model_path", tiny_ckpts[0], "--vocab_path", synth.vocab_path, "--split", "testall", "--device", "cpu"]
+    _expect_error(capsys, base + ["--data_name", "f30k_precomp", "--json", str(out)], out,
+                  "--data_name f30k_precomp: ", also="was trained on coco_precomp")
+    same = tmp_path / "same.json"
+    assert errors.run(evaluation.main, base + ["--data_name", "coco_precomp", "--json", str(same)]) == 0
+    assert json.loads(same.read_text())["provenance"]["data_name"] == "coco_precomp"
+
+
 def test_eccv_needs_testall(synth, tiny_ckpts, capsys, tmp_path):
     out = tmp_path / "never.json"
     _expect_error(capsys, ["--model_path", tiny_ckpts[0], "--vocab_path", synth.vocab_path, "--split", "testall",
