@@ -49,6 +49,7 @@ import data
 import distributed
 import errors
 import fileio
+import opts
 import vocab as vocab_lib
 from daa_loss import SemanticRelevance
 from errors import InputError
@@ -329,9 +330,9 @@ def check_before_scoring(args, model_paths):
             raise InputError(f"{model_paths[1]}: trained on {options[1].data_name}, but {model_paths[0]} on "
                              f"{data_name}; an ensemble pair scores one dataset")
         if len(options) == 2 and options[1].module_name == options[0].module_name:
-            raise InputError(f"{model_paths[1]}: an {options[1].module_name} model like {model_paths[0]}; an "
-                             f"ensemble pair averages two modules, e.g. SGR + SAF (average two runs of one module "
-                             f"with --sims)")
+            raise InputError(f"{model_paths[1]}: {opts.with_article(options[1].module_name)} model like "
+                             f"{model_paths[0]}; an ensemble pair averages two modules, e.g. SGR + SAF (average two "
+                             f"runs of one module with --sims)")
     else:
         data_path, data_name = args.data_path, args.data_name
     dataset_dir(data_path, data_name)
@@ -389,8 +390,8 @@ def main(argv=None):
             module_name = checkpoint.load_checkpoint(args.shortlist)["opt"].module_name
             if module_name not in ann_index.INDEXED_MODULES:
                 raise InputError(f"{args.shortlist}: --shortlist_index {args.shortlist_index} searches one embedding "
-                                 f"per item (VSE, PCME); a {module_name} model scores every pair with a network "
-                                 f"(use --shortlist_index exact)")
+                                 f"per item (VSE, PCME); {opts.with_article(module_name)} model scores every pair "
+                                 f"with a network (use --shortlist_index exact)")
     elif args.shortlist_index != "exact":
         raise InputError("--shortlist_index picks the candidates of --shortlist: give --shortlist CKPT --shortlist_k K")
     if args.max_matrix_gb is not None and not args.max_matrix_gb > 0:

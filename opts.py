@@ -124,6 +124,11 @@ MODULE_OPTIONS = {"vse_pool": ("VSE",), "pcme_samples": ("PCME",), "pcme_vib_wei
                   "max_violation": HINGE_MODULES, "warmup_epochs": HINGE_MODULES}
 
 
+def with_article(module_name):
+    """'an SGR', 'an SAF', 'a VSE', 'a PCME': the article of a module's name read letter by letter (S: "ess")."""
+    return f"{'an' if module_name[0] in 'AEFHILMNORSX' else 'a'} {module_name}"
+
+
 def option_flags(dest):
     """The command-line names of option `dest`, e.g. '--max_violation/--no_max_violation'."""
     return "/".join(flag for action in build_parser()._actions if action.dest == dest for flag in action.option_strings)

@@ -87,8 +87,8 @@ def check_module_options(opt, given):
     """InputError for an option `given` ({name: value}) that the run's module does not read (opts.MODULE_OPTIONS)."""
     for name, module_names in opts.MODULE_OPTIONS.items():
         if name in given and opt.module_name not in module_names:
-            raise InputError(f"{opts.option_flags(name)} is a {'/'.join(module_names)} option, but this run trains a "
-                             f"{opt.module_name} model")
+            raise InputError(f"{opts.option_flags(name)} is {opts.with_article('/'.join(module_names))} option, but "
+                             f"this run trains {opts.with_article(opt.module_name)} model")
 
 
 def build_criterion(opt):
@@ -110,8 +110,8 @@ def load_start_checkpoint(opt, path):
     """Load a --resume/--init_from checkpoint and check that it belongs to the requested model."""
     ckpt = load_checkpoint(path)
     if ckpt["opt"].module_name != opt.module_name:
-        raise InputError(f"{path}: checkpoint holds a {ckpt['opt'].module_name} model but --module_name is "
-                         f"{opt.module_name}")
+        raise InputError(f"{path}: checkpoint holds {opts.with_article(ckpt['opt'].module_name)} model but "
+                         f"--module_name is {opt.module_name}")
     return ckpt
 
 

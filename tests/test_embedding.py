@@ -270,7 +270,8 @@ def test_checkpoints_record_the_module_and_rebuild_it(vse_run, pcme_run):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--module_name", "SAF", "--pcme_samples", "3"], "--pcme_samples is a PCME option, but this run trains a SAF model"),
+    (["--module_name", "SAF", "--pcme_samples", "3"], "--pcme_samples is a PCME option, but this run trains an SAF "
+                                                      "model"),
     (["--module_name", "PCME", "--vse_pool", "max"], "--vse_pool is a VSE option, but this run trains a PCME model"),
     (["--module_name", "SGR", "--pcme_vib_weight", "0.1"], "--pcme_vib_weight is a PCME option"),
     (["--module_name", "PCME", "--pcme_samples", "0"], "--pcme_samples must be at least 1"),
@@ -357,7 +358,7 @@ def test_ensembles_pair_two_different_modules(vse_run, pcme_run, synth, tmp_path
     assert alone and pair["pcme_scoring"] == evaluation.PCME_SCORING
     capsys.readouterr()
     assert errors.run(evaluation.main, ["--model_path", vse, "--model_path2", vse, "--device", "cpu"]) != 0
-    assert "an VSE model like" in capsys.readouterr().err
+    assert "a VSE model like" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -328,8 +328,8 @@ def test_ensembles_and_shortlists_take_pcmepp_and_gpo(pcmepp_run, gpo_run, synth
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--module_name", "SGR", "--vse_pool", "gpo"], "--vse_pool is a VSE option, but this run trains a SGR model"),
-    (["--module_name", "SAF", "--vse_pool", "gpo"], "--vse_pool is a VSE option, but this run trains a SAF model"),
+    (["--module_name", "SGR", "--vse_pool", "gpo"], "--vse_pool is a VSE option, but this run trains an SGR model"),
+    (["--module_name", "SAF", "--vse_pool", "gpo"], "--vse_pool is a VSE option, but this run trains an SAF model"),
     (["--module_name", "PCMEpp", "--vse_pool", "gpo"], "--vse_pool is a VSE option, but this run trains a PCMEpp"),
     (["--module_name", "PCME", "--pcmepp_vib_weight", "0.1"], "--pcmepp_vib_weight is a PCMEpp option, but this run "
                                                               "trains a PCME model"),
@@ -337,12 +337,13 @@ def test_ensembles_and_shortlists_take_pcmepp_and_gpo(pcmepp_run, gpo_run, synth
     (["--module_name", "SAF", "--pcmepp_pseudo_weight", "0.2"], "--pcmepp_pseudo_weight is a PCMEpp option"),
     (["--module_name", "PCMEpp", "--pcme_samples", "3"], "--pcme_samples is a PCME option, but this run trains a "
                                                          "PCMEpp model"),
-    (["--module_name", "PCME", "--margin", "0.1"], "--margin is a SGR/SAF/VSE option, but this run trains a PCME model"),
-    (["--module_name", "PCMEpp", "--warmup_epochs", "1"], "--warmup_epochs is a SGR/SAF/VSE option, but this run "
+    (["--module_name", "PCME", "--margin", "0.1"], "--margin is an SGR/SAF/VSE option, but this run trains a PCME "
+                                                   "model"),
+    (["--module_name", "PCMEpp", "--warmup_epochs", "1"], "--warmup_epochs is an SGR/SAF/VSE option, but this run "
                                                          "trains a PCMEpp model"),
-    (["--module_name", "PCME", "--no_max_violation"], "--max_violation/--no_max_violation is a SGR/SAF/VSE option, "
+    (["--module_name", "PCME", "--no_max_violation"], "--max_violation/--no_max_violation is an SGR/SAF/VSE option, "
                                                       "but this run trains a PCME model"),
-    (["--module_name", "PCMEpp", "--max_violation"], "--max_violation/--no_max_violation is a SGR/SAF/VSE option"),
+    (["--module_name", "PCMEpp", "--max_violation"], "--max_violation/--no_max_violation is an SGR/SAF/VSE option"),
     (["--module_name", "PCMEpp", "--pcmepp_pseudo_weight", "-1"], "must be numbers of at least 0"),
     (["--module_name", "PCMEpp", "--pcmepp_vib_weight", "nan"], "must be numbers of at least 0"),
 ])
