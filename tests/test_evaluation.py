@@ -416,6 +416,17 @@ def test_eccv_needs_testall(synth, tiny_ckpts, capsys, tmp_path):
                            "--eccv", "--device", "cpu", "--json", str(out)], out, "testall")
 
 
+def top_columns(S, k):
+    """Each row's k best columns of S: descending score, ties by lower index (a tie at the cut: all its members
+    considered)."""
+    cut = -np.partition(-S, k - 1, axis=1)[:, k - 1]
+    tops = []
+    for row, kth in zip(np.ascontiguousarray(S), cut):
+        candidates = np.flatnonzero(row >= kth)
+        tops.append(candidates[np.lexsort((candidates, -row[candidates]))][:k])
+    return tops
+
+
 def test_eccv_scores_on_the_real_test_ids(tmp_path):
     """--eccv's mapping: rows -> testall_ids.txt, columns -> the package's caption ids (or ids matched by text)."""
     with warnings.catch_warnings():
@@ -438,8 +449,21 @@ def test_eccv_scores_on_the_real_test_ids(tmp_path):
     for k in (1, 5, 10):
         assert out[f"coco_5k_r{k}"]["i2t"] == pytest.approx(ours["i2t"][f"r{k}"])
         assert out[f"coco_5k_r{k}"]["t2i"] == pytest.approx(ours["t2i"][f"r{k}"])
-    assert {"eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_r1", "cxc_r5", "cxc_r10"} <= set(out)
     assert "0 unmatched" not in out["caption_ids"] and "24995 unmatched" in out["caption_ids"]
+    # Every value against the package called directly on the same matrix, ranked here (the text-matched ids
+    # are the package's own): each query's top 64 (above the 48 positives of the largest ECCV query, so a
+    # ranking cut too short in the adapter would change mAP@R and R-P), descending score, ties by lower index.
+    rows = [int(i) for i in image_ids[::5]]
+    i2t_items = {rows[i]: [int(caption_ids[j]) for j in top] for i, top in enumerate(top_columns(S, 64))}
+    t2i_items = {int(caption_ids[j]): [rows[i] for i in top] for j, top in enumerate(top_columns(S.T, 64))}
+    names = ("eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_recalls", "coco_5k_recalls")
+    theirs = Metrics().compute_all_metrics(i2t_items, t2i_items, target_metrics=names, Ks=(1, 5, 10), verbose=False)
+    assert set(out) == set(theirs) | {"caption_ids"}
+    assert {"eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_r1", "cxc_r5", "cxc_r10"} <= set(out)
+    for name, value in theirs.items():
+        for d in ("i2t", "t2i"):
+            assert out[name][d] == pytest.approx(100 * value[d], abs=1e-9), (name, d)
+    assert 0 < out["eccv_map_at_r"]["i2t"] < 5  # random scores: far from perfect, not zero
     # ids that do not agree with the package's test split
     (split / "testall_ids.txt").write_text("".join(f"{i + 1}\n" for i in image_ids))
     with pytest.raises(errors.InputError, match="testall_ids.txt"):
