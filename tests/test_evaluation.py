@@ -42,6 +42,17 @@ def brute_scores(S, M):
     return out
 
 
+def top_columns(S, k):
+    """Each row's k best columns of S: descending score, ties by lower index (a tie at the cut: all its members
+    considered)."""
+    cut = -np.partition(-S, k - 1, axis=1)[:, k - 1]
+    tops = []
+    for row, kth in zip(np.ascontiguousarray(S), cut):
+        candidates = np.flatnonzero(row >= kth)
+        tops.append(candidates[np.lexsort((candidates, -row[candidates]))][:k])
+    return tops
+
+
 def assert_scores(report, expected):
     for d in ("i2t", "t2i"):
         for key in KEYS:
@@ -320,10 +331,13 @@ def test_model_mode_end_to_end(synth, tiny_ckpts, tmp_path):
         for key in KEYS:
             assert ens[d][key] == pytest.approx(np.mean([fold[d][key] for fold in ens["folds"]]))
     assert_scores(ens["all"], evaluation.score_matrix(S, M))  # --save_sims needs the whole matrix: 5K too
+    # --save_ranks: every line, i2t (image rows) then t2i (caption columns), against the top 3 ranked here
     lines = [json.loads(line) for line in ranks.read_text().splitlines()]
-    assert len(lines) == n + 5 * n and lines[0]["direction"] == "i2t" and len(lines[0]["topk"]) == 3
-    assert lines[0]["topk"] == np.argsort(-S[0], kind="stable")[:3].tolist()
-    assert lines[0]["scores"] == pytest.approx(S[0, lines[0]["topk"]].tolist())
+    expected = [("i2t", q, top, S[q, top]) for q, top in enumerate(top_columns(S, 3))]
+    expected += [("t2i", q, top, S[top, q]) for q, top in enumerate(top_columns(S.T, 3))]
+    assert len(lines) == len(expected) == n + 5 * n
+    for line, (direction, q, top, values) in zip(lines, expected):
+        assert line == {"direction": direction, "query": q, "topk": top.tolist(), "scores": values.tolist()}, line
     out3 = tmp_path / "fold_only.json"
     assert errors.run(evaluation.main, ["--model_path", sgr, "--model_path2", saf, "--fold5", "--json", str(out3)]
                       + base) == 0
@@ -414,17 +428,6 @@ def test_eccv_needs_testall(synth, tiny_ckpts, capsys, tmp_path):
     out = tmp_path / "never.json"
     _expect_error(capsys, ["--model_path", tiny_ckpts[0], "--vocab_path", synth.vocab_path, "--split", "testall",
                            "--eccv", "--device", "cpu", "--json", str(out)], out, "testall")
-
-
-def top_columns(S, k):
-    """Each row's k best columns of S: descending score, ties by lower index (a tie at the cut: all its members
-    considered)."""
-    cut = -np.partition(-S, k - 1, axis=1)[:, k - 1]
-    tops = []
-    for row, kth in zip(np.ascontiguousarray(S), cut):
-        candidates = np.flatnonzero(row >= kth)
-        tops.append(candidates[np.lexsort((candidates, -row[candidates]))][:k])
-    return tops
 
 
 def test_eccv_scores_on_the_real_test_ids(tmp_path):
