@@ -30,6 +30,7 @@ PCME_INIT_NOISE = 0.1  # initial norm of a sample's noise, see GaussianHead
 # PCME++'s initial a (its "negative_scale") and b ("shift"): configs/pcmepp.yaml of naver-ai/pcmepp.
 PCMEPP_INIT_SCALE = 5.0
 PCMEPP_INIT_SHIFT = 5.0
+CENTER_MOMENTUM = 0.1  # --pcmepp_center_means: running centre's update per training batch, as BatchNorm's default
 # VSE∞'s GPO (woodfrog/vse_infty lib/modules/aggr/gpo.py, GPO(32, 32)): positional encoding size, GRU
 # hidden size, and the softmax temperature of its pooling weights.
 GPO_PE_DIM = 32
@@ -260,9 +261,12 @@ class GPOGaussianHead(nn.Module):
     encoders' local features (PCME++'s variance branch starts from its backbone's, before the projection).
     """
 
-    def __init__(self, embed_size):
+    def __init__(self, embed_size, center=False):
         super().__init__()
         self.mean_pool = GPO()
+        self.center = center
+        if center:  # --pcmepp_center_means: see `centred`
+            self.register_buffer("running_center", torch.zeros(embed_size))
         self.variance_fc = nn.Linear(embed_size, embed_size)
         self.variance_pool = GPO()
         init_weights(self.variance_fc)
@@ -272,7 +276,25 @@ class GPOGaussianHead(nn.Module):
 
     def forward(self, local, mask):
         """local (n, P, d), mask (n, P) bool of the real positions (first) -> (n, 2, d): [mean, log-variance]."""
-        return torch.stack([l2norm(self.mean_pool(local, mask)), self.variance_pool(self.variance_fc(local), mask)], 1)
+        pooled = self.mean_pool(local, mask)
+        if self.center:
+            pooled = self.centred(pooled)
+        return torch.stack([l2norm(pooled), self.variance_pool(self.variance_fc(local), mask)], 1)
+
+    def centred(self, pooled):
+        """--pcmepp_center_means (not in PCME++): the pooled vectors (n, d) less their modality's centre before the
+        l2 normalisation, as BatchNorm's centring without its scale: in training the batch's mean (its gradient
+        included), which also updates `running_center` (momentum CENTER_MOMENTUM); in eval mode
+        `running_center`, so that an item's mean depends on it alone. GPO's top-weighted sort makes every
+        dimension's pooled value positive, one shared offset per modality (cosine of two images' means 0.76,
+        of two captions' 0.99 at the start); PCME++'s BCE, not invariant to it as a ranking loss is, kept it
+        (README)."""
+        if not self.training:
+            return pooled - self.running_center.to(pooled.dtype)
+        centre = pooled.mean(0)
+        with torch.no_grad():
+            self.running_center.lerp_(centre.detach().to(self.running_center.dtype), CENTER_MOMENTUM)
+        return pooled - centre
 
 
 def negative_csd(img_gaussians, cap_gaussians):
@@ -299,12 +321,12 @@ class PCMEppHead(nn.Module):
 
     module_name = "PCMEpp"
 
-    def __init__(self, embed_size):
+    def __init__(self, embed_size, init_scale=PCMEPP_INIT_SCALE, init_shift=PCMEPP_INIT_SHIFT, center=False):
         super().__init__()
-        self.image_head = GPOGaussianHead(embed_size)
-        self.caption_head = GPOGaussianHead(embed_size)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(PCMEPP_INIT_SCALE)))
-        self.shift = nn.Parameter(torch.tensor(PCMEPP_INIT_SHIFT))
+        self.image_head = GPOGaussianHead(embed_size, center)
+        self.caption_head = GPOGaussianHead(embed_size, center)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.shift = nn.Parameter(torch.tensor(float(init_shift)))
 
     def embed_images(self, regions):
         """(n, R, d) -> (n, 2, d): mean and log-variance."""

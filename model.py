@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from embedding_models import EMBEDDING_MODULES, PCMEHead, PCMEppHead, VSEHead
+from embedding_models import EMBEDDING_MODULES, PCMEPP_INIT_SCALE, PCMEPP_INIT_SHIFT, PCMEHead, PCMEppHead, VSEHead
 from encoders import DROPOUT, EncoderImage, EncoderText, init_weights, l1norm, l2norm, masked_mean
 from errors import InputError
 from layout import REGIONS
@@ -453,7 +453,9 @@ class SimilarityModel(nn.Module):
         elif opt.module_name == "PCME":
             self.sim_enc = PCMEHead(opt.embed_size, opt.pcme_samples)
         elif opt.module_name == "PCMEpp":
-            self.sim_enc = PCMEppHead(opt.embed_size)
+            self.sim_enc = PCMEppHead(opt.embed_size, getattr(opt, "pcmepp_init_scale", PCMEPP_INIT_SCALE),
+                                      getattr(opt, "pcmepp_init_shift", PCMEPP_INIT_SHIFT),
+                                      getattr(opt, "pcmepp_center_means", False))
         else:
             self.sim_enc = EncoderSimilarity(opt.embed_size, opt.sim_dim, opt.module_name, opt.sgr_step)
 

@@ -69,6 +69,15 @@ def build_parser():
     parser.add_argument("--pcmepp_pseudo_weight", default=0.1, type=float,
                         help="PCMEpp only: weight of the matching loss with pseudo-positives (pairs whose logit is at "
                              "least the positive's)")
+    parser.add_argument("--pcmepp_init_scale", default=5.0, type=float,
+                        help="PCMEpp only: initial a of the training logits -a CSD + b (learned; PCME++'s config: 5)")
+    parser.add_argument("--pcmepp_center_means", action="store_true",
+                        help="PCMEpp only, not in PCME++: subtract each modality's centre (the batch's mean in "
+                             "training, a running mean in evaluation) from the pooled means before their l2 "
+                             "normalisation")
+    parser.add_argument("--pcmepp_init_shift", default=5.0, type=float,
+                        help="PCMEpp only: initial b of the training logits -a CSD + b (learned; PCME++'s config: 5). "
+                             "-a CSD + b > 0 where the means' cosine exceeds 1 - b / (2a) (sigma^2 aside): 0.5 at 5, 5")
     # DAA
     parser.add_argument("--daa_weight", default=25.0, type=float, help="weight of each DAA term (0 = DAA off)")
     parser.add_argument("--daa_temp", default=0.001, type=float, help="sigmoid temperature tau of the soft ranks")
@@ -120,8 +129,10 @@ def parse_opt(argv=None):
 # PCME's and PCME++'s losses.
 HINGE_MODULES = ("SGR", "SAF", "VSE")
 MODULE_OPTIONS = {"vse_pool": ("VSE",), "pcme_samples": ("PCME",), "pcme_vib_weight": ("PCME",),
-                  "pcmepp_vib_weight": ("PCMEpp",), "pcmepp_pseudo_weight": ("PCMEpp",), "margin": HINGE_MODULES,
-                  "max_violation": HINGE_MODULES, "warmup_epochs": HINGE_MODULES}
+                  "pcmepp_vib_weight": ("PCMEpp",), "pcmepp_pseudo_weight": ("PCMEpp",),
+                  "pcmepp_init_scale": ("PCMEpp",), "pcmepp_init_shift": ("PCMEpp",),
+                  "pcmepp_center_means": ("PCMEpp",), "margin": HINGE_MODULES, "max_violation": HINGE_MODULES,
+                  "warmup_epochs": HINGE_MODULES}
 
 
 def with_article(module_name):

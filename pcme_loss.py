@@ -15,10 +15,12 @@ PCME++:  loss = B^2 * (2 BCE(logits, I) + pseudo_weight * [BCE(logits, P_i2t) + 
                        + vib_weight * KL) + DAA on -CSD
 
 B^2 times naver-ai/pcmepp's ClosedFormSampledDistanceLoss: logits = -a CSD + b (B, B); BCE the binary
-cross-entropy with logits, averaged over the B x B pairs, its i2t and t2i directions equal (hence 2x);
+cross-entropy with logits, averaged over the B x B pairs, its i2t and t2i directions equal (hence 2x); I the
+batch's matches: the diagonal and, as in PCME++'s training step, the pairs of an image drawn twice into the
+batch (two of its captions), which a plain identity would push apart as a mismatch;
 P_i2t[i, j] = 1 where logit[i, j] >= logit[i, i] (pseudo-positives of image i, its own caption among
-them), P_t2i[i, j] = 1 where logit[i, j] >= logit[j, j], labels that carry no gradient; KL the mean over
-items and dims, per modality, of the two modalities' KL to N(0, I). The factor B^2 turns PCME++'s means
+them) or I[i, j], P_t2i[i, j] = 1 where logit[i, j] >= logit[j, j] or I[i, j], labels that carry no gradient;
+KL the mean over items and dims, per modality, of the two modalities' KL to N(0, I). The factor B^2 turns PCME++'s means
 over the B x B pairs into sums, as PCME's soft contrastive above (and PCME's code) sums its pairs, so that
 --daa_weight weighs DAA against the matching loss as it does for PCME (README: PCME++'s mean let DAA at
 weight 1 swamp the matching loss); PCME++'s own terms keep their ratios. DAA ranks S = -CSD, the score
@@ -62,14 +64,17 @@ class PCMELoss(DAALoss):
                 "daa_i2t_loss": daa_i2t, "daa_t2i_loss": daa_t2i}
 
 
-def pseudo_positive_matching(logits):
+def pseudo_positive_matching(logits, matches=None):
     """PCME++'s matching loss with pseudo-positives, i2t + t2i, of logits (N, N), own pairs on the diagonal.
 
     Each direction: BCE(logits, labels) averaged over the N x N pairs, labels 1 where a pair's logit is at
-    least its query's own pair's (image i: logit[i, j] >= logit[i, i]; caption j: logit[i, j] >= logit[j, j]).
+    least its query's own pair's (image i: logit[i, j] >= logit[i, i]; caption j: logit[i, j] >= logit[j, j])
+    and at the batch's matches (N, N) bool (None: the diagonal; see PCMEppLoss.forward).
     """
     own = logits.detach().diagonal()
     labels = [(logits.detach() >= own[:, None]), (logits.detach() >= own[None, :])]
+    if matches is not None:
+        labels = [label | matches for label in labels]
     return sum(F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype)) for label in labels)
 
 
@@ -83,12 +88,17 @@ class PCMEppLoss(DAALoss):
         super().__init__(daa_weight=daa_weight, daa_temp=daa_temp, daa_variant=daa_variant)
         self.vib_weight, self.pseudo_weight = vib_weight, pseudo_weight
 
-    def forward(self, batch, M=None, max_violation=None):
+    def forward(self, batch, M=None, max_violation=None, matches=None):
+        """matches: (N, N) bool, True where image i and caption j belong to the same image (the diagonal and
+        the pairs of an image drawn twice into the batch, which PCME++'s training step labels 1 as well);
+        None: the diagonal only (train.compute_losses gives them from the batch's image ids)."""
         sims, logits, kl = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in batch)
         pairs = logits.numel()  # PCME++'s means over the B x B pairs, made sums (module docstring)
-        eye = torch.eye(len(logits), dtype=logits.dtype, device=logits.device)
-        matching = pairs * 2 * F.binary_cross_entropy_with_logits(logits, eye)
-        pseudo = pairs * self.pseudo_weight * pseudo_positive_matching(logits)
+        if matches is None:
+            matches = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+        matches = matches.to(logits.device, torch.bool)
+        matching = pairs * 2 * F.binary_cross_entropy_with_logits(logits, matches.to(logits.dtype))
+        pseudo = pairs * self.pseudo_weight * pseudo_positive_matching(logits, matches)
         vib = pairs * self.vib_weight * kl
         daa_i2t, daa_t2i = self.daa_terms(sims, M)
         return {"loss": matching + pseudo + vib + daa_i2t + daa_t2i, "contrastive_loss": matching,

@@ -78,6 +78,9 @@ def check_options(opt):
         raise InputError("--pcme_samples must be at least 1 and --pcme_vib_weight cannot be negative")
     if not (opt.pcmepp_vib_weight >= 0 and opt.pcmepp_pseudo_weight >= 0):
         raise InputError("--pcmepp_vib_weight and --pcmepp_pseudo_weight must be numbers of at least 0")
+    scale, shift = opt.pcmepp_init_scale, opt.pcmepp_init_shift
+    if not (scale > 0 and math.isfinite(scale) and math.isfinite(shift)):
+        raise InputError("--pcmepp_init_scale must be a finite number above 0 and --pcmepp_init_shift a finite number")
     check_world_size(opt.world_size, device_type(opt))
     if opt.amp == "fp16" and device_type(opt) != "cuda":
         raise InputError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
@@ -228,15 +231,21 @@ def micro_batch(model, distributed, last):
     return model.no_sync() if distributed and not last else contextlib.nullcontext()
 
 
-def compute_losses(model, criterion, images, captions, lengths, relevance, max_violation, amp_dtype=None):
+def compute_losses(model, criterion, images, captions, lengths, relevance, max_violation, amp_dtype=None,
+                   image_ids=None):
     """One batch's forward and loss: images (B, 36, D), captions (B, L), lengths (B,), relevance (B, B).
 
     Returns the criterion's dict of 0-dim tensors (loss, contrastive_loss, daa_i2t_loss, daa_t2i_loss; PCME
     adds vib_loss, PCMEpp vib_loss and pseudo_positive_loss). The model runs under autocast when `amp_dtype` is given; the loss is computed in fp32
-    regardless.
+    regardless. image_ids (B,), PCMEpp only: each pair of the same image is a match of PCME++'s BCE (two
+    captions of one image in a batch; without them only the diagonal).
     """
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        outputs = model(images, captions, lengths)  # (B, B) scores; PCME, PCMEpp: a model.PCMEBatch
+        outputs = model(images, captions, lengths)  # (B, B) scores; PCME, PCMEpp: an embedding_models.PCMEBatch
+    if image_ids is not None and isinstance(criterion, PCMEppLoss):
+        image_ids = torch.as_tensor(image_ids, device=relevance.device)
+        return criterion(outputs, relevance, max_violation=max_violation,
+                         matches=image_ids[:, None] == image_ids[None, :])
     return criterion(outputs, relevance, max_violation=max_violation)
 
 
@@ -421,14 +430,16 @@ def train_process(rank, opt, init_method):
         end = time.time()
         optimizer.zero_grad(set_to_none=True)
         step_losses = []  # the loss of each micro-batch of the coming step, on the device
-        for i, (images, captions, lengths, _, _, relevance) in enumerate(batches):
+        for i, (images, captions, lengths, _, image_ids, relevance) in enumerate(batches):
             data_time = time.time() - end
             last = (i + 1) % opt.accum_steps == 0 or i + 1 == len(train_loader)  # of the step's micro-batches
             with micro_batch(model, distributed, last):
                 # lengths stay on the CPU: the forward packs and chunks by them on the host
                 losses = compute_losses(model, criterion, images.to(device, non_blocking=pin),
                                         captions.to(device, non_blocking=pin), lengths,
-                                        relevance.to(device, non_blocking=pin), max_violation, amp_dtype)
+                                        relevance.to(device, non_blocking=pin), max_violation, amp_dtype,
+                                        # PCME++'s matches: only its criterion takes them
+                                        **({"image_ids": image_ids} if opt.module_name == "PCMEpp" else {}))
                 scaler.scale(losses["loss"] / opt.accum_steps).backward()
             step_losses.append(losses["loss"].detach())
             if not last:

@@ -269,3 +269,41 @@ def test_ablation_goes_on_in_a_folder_made_with_a_shorter_grid():
     assert not ablation.extends(settings, dict(settings, grid=settings["grid"][1:]))
     assert not ablation.extends(settings, dict(settings, grid=[["SAF", [0, 25], ["reference"], [0]]]))
     assert not ablation.extends(settings, dict(settings, training={"batch_size": 16}))
+
+
+def test_ablation_grid_models_with_options_and_data_drawn_with_another_binding(tmp_path):
+    """A GRID model of MODEL_OPTIONS trains its module with its options; a binding other than the maker's
+    default trains and is scored on its own data set (data, vocabulary, testall); noisy data trains on its
+    captions and is scored on the clean testall with the clean vocabulary; names say all of it."""
+    from tools import ablation
+
+    entries = [("VSEgpo", (0, 25), ("tie_aware",), range(1)), ("SAF", (0,), ("reference",), range(2), 0, 0.0),
+               ("SAF", (0,), ("reference",), range(1), 0.2)]
+    runs = ablation.grid_runs(entries)
+    assert [(r[0], r[4]) for r in runs] == [("VSEgpo_w0", 0), ("VSEgpo_w25_tie_aware", 0), ("SAF_w0_binding0", 0),
+                                            ("SAF_w0_binding0", 1), ("SAF_w0_noise0.2", 0)]
+    assert ablation.module_args("VSEgpo") == ("VSE", ["--vse_pool", "gpo"]) and ablation.module_args("SAF") == ("SAF", [])
+    out = str(tmp_path)
+    assert ablation.data_of(out, 0, 0.0) == {key: os.path.join(out, "binding0", folder) for key, folder in
+                                             (("train", "data"), ("evaluate", "data"), ("vocab", "vocab"), ("ann", "coco_ann"))}
+    assert ablation.data_of(out, 0.2, ablation.DEFAULT_BINDING) == {
+        "train": os.path.join(out, "noise0.2", "data"), "evaluate": os.path.join(out, "data"),
+        "vocab": os.path.join(out, "vocab"), "ann": os.path.join(out, "coco_ann")}
+    with pytest.raises(ValueError):
+        ablation.grid_runs([("SAF", (0,), ("reference",), range(1), 0.2, 0.0)])
+
+    commands = []
+
+    def record(script, args, title):
+        commands.append((script, [str(a) for a in args]))
+
+    spec = runs[1]
+    ablation.train(record, out, "quick", spec, dict(run_demo.TRAINING["quick"], daa_weight=25), "t")
+    script, args = commands[0]
+    assert script == "train.py" and args[args.index("--module_name") + 1] == "VSE"
+    assert args[-4:] == ["--daa_variant", "tie_aware", "--vse_pool", "gpo"]
+    assert args[args.index("--data_path") + 1] == os.path.join(out, "data")
+    ablation.train(record, out, "quick", runs[2], dict(run_demo.TRAINING["quick"], daa_weight=0), "t")
+    args = commands[1][1]
+    assert args[args.index("--data_path") + 1] == os.path.join(out, "binding0", "data")
+    assert args[args.index("--vocab_path") + 1] == os.path.join(out, "binding0", "vocab")

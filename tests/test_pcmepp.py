@@ -247,6 +247,62 @@ def test_pcmepp_pseudo_positives_on_known_matrices():
         torch.testing.assert_close(pcme_loss.pseudo_positive_matching(logits), expected)
 
 
+def test_pcmepp_center_means_subtracts_the_batch_mean_in_training_and_the_running_centre_in_eval():
+    """--pcmepp_center_means: mean = l2norm(GPO - centre), the centre the batch's mean in training (the running
+    centre moving 0.1 of the way to it) and the running centre in eval mode; off, the head has no buffer."""
+    assert not any("running_center" in name for name, _ in embedding_model("PCMEpp").named_buffers())
+    head = embedding_model("PCMEpp", pcmepp_center_means=True).sim_enc.image_head.double()
+    gen = torch.Generator().manual_seed(0)
+    local = torch.randn(5, 7, 32, generator=gen, dtype=torch.float64)
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    pooled = head.mean_pool(local, mask)
+    out = head(local, mask)
+    torch.testing.assert_close(out[:, 0], torch.nn.functional.normalize(pooled - pooled.mean(0), dim=1))
+    torch.testing.assert_close(head.running_center, 0.1 * pooled.mean(0).detach())
+    head.eval()
+    torch.testing.assert_close(head(local[:2], mask[:2])[:, 0],
+                               torch.nn.functional.normalize(pooled[:2] - 0.1 * pooled.mean(0), dim=1))
+    assert torch.equal(head.running_center, 0.1 * pooled.mean(0).detach())  # eval mode leaves it
+    # a checkpoint keeps the running centres, and its options rebuild the centring heads
+    net = embedding_model("PCMEpp", pcmepp_center_means=True)
+    net.sim_enc.caption_head.running_center.fill_(0.25)
+    ckpt = {"opt": make_opt("PCMEpp", pcmepp_center_means=True), "model": net.state_dicts()}
+    rebuilt = SimilarityModel.from_checkpoint(ckpt, "ckpt")
+    assert rebuilt.sim_enc.caption_head.center and float(rebuilt.sim_enc.caption_head.running_center[0]) == 0.25
+
+
+def test_pcmepp_pairs_of_an_image_drawn_twice_are_matches():
+    """Two captions of one image in a batch (image ids 0 and 0): PCME++'s training step labels both pairs 1 in
+    the matching and the pseudo-positive BCE; train.compute_losses takes them from the batch's image ids."""
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    image_ids = torch.tensor([0, 1, 0, 2, 3])
+    same = image_ids[:, None] == image_ids[None, :]
+    criterion = pcme_loss.PCMEppLoss(vib_weight=0, daa_weight=0)
+    batch = embedding_models.PCMEBatch(-logits, logits, torch.zeros((), dtype=torch.float64))
+    losses = criterion(batch, None, matches=same)
+    labels = same.double()
+    i2t = torch.maximum(labels, (logits >= logits.diagonal()[:, None]).double())
+    t2i = torch.maximum(labels, (logits >= logits.diagonal()[None, :]).double())
+    torch.testing.assert_close(losses["contrastive_loss"], 25 * 2 * bce(logits, labels).mean())
+    torch.testing.assert_close(losses["pseudo_positive_loss"],
+                               25 * 0.1 * (bce(logits, i2t).mean() + bce(logits, t2i).mean()))
+    diagonal = criterion(batch, None)  # without matches: the diagonal only, as before
+    torch.testing.assert_close(diagonal["contrastive_loss"],
+                               25 * 2 * bce(logits, torch.eye(5, dtype=torch.float64)).mean())
+    # the training step: compute_losses with the batch's image ids equals the criterion given their matches
+    net = embedding_model("PCMEpp").double()
+    images, captions, lengths = tiny_batch(5)
+    relevance = torch.rand(5, 5, generator=gen, dtype=torch.float64)
+    torch.manual_seed(1)
+    with_ids = train.compute_losses(net, criterion, images, captions, lengths, relevance, False, image_ids=image_ids)
+    torch.manual_seed(1)
+    outputs = net(images, captions, lengths)
+    torch.testing.assert_close(with_ids["loss"], criterion(outputs, relevance, matches=same)["loss"])
+    assert not torch.allclose(with_ids["loss"], criterion(outputs, relevance)["loss"])
+
+
+
 # ------------------------------------------------------------------------------------------------
 # Runs: checkpoints, resume, evaluation, ensembles, shortlist, refusals
 
@@ -346,6 +402,10 @@ def test_ensembles_and_shortlists_take_pcmepp_and_gpo(pcmepp_run, gpo_run, synth
     (["--module_name", "PCMEpp", "--max_violation"], "--max_violation/--no_max_violation is an SGR/SAF/VSE option"),
     (["--module_name", "PCMEpp", "--pcmepp_pseudo_weight", "-1"], "must be numbers of at least 0"),
     (["--module_name", "PCMEpp", "--pcmepp_vib_weight", "nan"], "must be numbers of at least 0"),
+    (["--module_name", "VSE", "--pcmepp_init_shift", "10"], "--pcmepp_init_shift is a PCMEpp option"),
+    (["--module_name", "VSE", "--pcmepp_center_means"], "--pcmepp_center_means is a PCMEpp option"),
+    (["--module_name", "PCMEpp", "--pcmepp_init_scale", "0"], "--pcmepp_init_scale must be a finite number above 0"),
+    (["--module_name", "PCMEpp", "--pcmepp_init_shift", "inf"], "--pcmepp_init_shift a finite number"),
 ])
 def test_options_of_another_module_are_refused(synth, short, tmp_path, capsys, extra, message):
     argv = train_argv(synth, tmp_path, data_path=short) + extra
@@ -375,10 +435,14 @@ def test_embedding_options_default_to_their_published_values():
     assert pcme.vib_weight == PCME_VIB and (pcmepp.vib_weight, pcmepp.pseudo_weight) == (PCMEPP_VIB, PCMEPP_PSEUDO)
     assert pcme_loss.PCMELoss().vib_weight == PCME_VIB
     assert (pcme_loss.PCMEppLoss().vib_weight, pcme_loss.PCMEppLoss().pseudo_weight) == (PCMEPP_VIB, PCMEPP_PSEUDO)
+    assert (opt.pcmepp_init_scale, opt.pcmepp_init_shift) == (PCMEPP_A, PCMEPP_B)
     hinge = ("SGR", "SAF", "VSE")
     assert opts.MODULE_OPTIONS == {"vse_pool": ("VSE",), "pcme_samples": ("PCME",), "pcme_vib_weight": ("PCME",),
                                    "pcmepp_vib_weight": ("PCMEpp",), "pcmepp_pseudo_weight": ("PCMEpp",),
+                                   "pcmepp_init_scale": ("PCMEpp",), "pcmepp_init_shift": ("PCMEpp",),
+                                   "pcmepp_center_means": ("PCMEpp",),
                                    "margin": hinge, "max_violation": hinge, "warmup_epochs": hinge}
+    assert opt.pcmepp_center_means is False  # PCME++ has no centring: off unless asked
 
 
 def embedding_model(module_name, **changes):
@@ -390,6 +454,8 @@ def test_embedding_heads_start_at_their_published_values():
     """a and b of PCME (30, 30) and PCME++ (5, 5), PCME's 7 samples, GPO's shapes, the initial noise norm."""
     pcme, pcmepp = embedding_model("PCME").sim_enc, embedding_model("PCMEpp").sim_enc
     assert pcme.samples == PCME_SAMPLES
+    moved = embedding_model("PCMEpp", pcmepp_init_scale=8.0, pcmepp_init_shift=12.0).sim_enc  # the options' a, b
+    assert float(moved.log_scale.detach().exp()) == pytest.approx(8.0, rel=1e-6) and float(moved.shift.detach()) == 12.0
     for head, a, b in ((pcme, PCME_A, PCME_B), (pcmepp, PCMEPP_A, PCMEPP_B)):
         assert float(head.log_scale.detach().exp()) == pytest.approx(a, rel=1e-6) and float(head.shift.detach()) == b
     d = 32  # make_opt's embed_size: sum of d variances exp(bias) = 0.1^2
