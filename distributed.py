@@ -1,12 +1,16 @@
-"""torch.distributed plumbing shared by train.py and evaluation.py: rendezvous, process group, rank.
+"""torch.distributed plumbing shared by train.py and evaluation.py: rendezvous, process group, rank, the
+processes evaluation.py starts, and what a process says when it loses a peer.
 
 Both scripts start K processes themselves when given `--world_size K` (a free loopback port is the
 rendezvous, never a hard-coded one), or join a group that `torchrun` set up through its environment
 variables. nccl runs on GPUs, gloo on CPUs.
 """
+import contextlib
 import datetime
 import os
 import socket
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -96,3 +100,93 @@ def process_device(device_type, rank):
     device = torch.device(f"cuda:{local_rank}")
     torch.cuda.set_device(device)
     return device
+
+
+@contextlib.contextmanager
+def lost_peer_exits(rank, role):
+    """Around the work of process `rank` of a `role` ("training", "evaluation") group: a RuntimeError
+    (DistBackendError among them) while the group is up means a peer is gone, or hung past the group's
+    timeout. The process says so in one line on stderr, never a traceback from inside torch.distributed, and
+    exits with 3 at once (os._exit: destroy_process_group would wait for the dead peer)."""
+    try:
+        yield
+    except (RuntimeError, dist.DistBackendError) as err:
+        if not dist.is_initialized():
+            raise
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        print(f"error: rank {rank}: lost contact with another {role} process ({detail})", file=sys.stderr)
+        os._exit(3)
+
+
+def describe(err):
+    """One line for an exception: an InputError's message, else its type and first line."""
+    if isinstance(err, InputError):
+        return str(err)
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+
+
+def spawned_rank(rank, world_size, init_method, device_type, threads, failures, work, work_args):
+    """A process started by run_spawned: join the group, do this rank's share, `work(*work_args)`, then leave.
+
+    Rank 0 would see only that a peer is gone ("Connection closed by peer"), so this process puts the
+    cause of its failure on `failures` (a queue) as one line for rank 0 to report, and exits with 2.
+    """
+    try:
+        init_group(rank, world_size, init_method, device_type, threads=threads)
+        work(*work_args)
+    except BaseException as err:
+        failures.put(f"rank {rank}: {describe(err)}")
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def end_ranks(workers, failures, wait_s=10.0):
+    """End the spawned ranks after rank 0 failed; returns the first failure one of them reported, or None.
+
+    A rank that failed first reports and exits at once: it is waited for up to `wait_s` seconds (the ones
+    still running wait for rank 0 in a collective, until the group's timeout, and are terminated).
+    """
+    deadline = time.monotonic() + wait_s
+    while failures.empty() and any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for worker in workers:
+        worker.terminate()
+        worker.join()
+    return None if failures.empty() else failures.get()
+
+
+def run_spawned(world_size, device_type, threads, role, work, *work_args):
+    """`world_size` processes on this machine each run `work(*work_args)` (a module-level function: the
+    spawned ones get it pickled): this process is rank 0 and starts ranks 1..K-1. Returns rank 0's result;
+    a failure of any rank is an InputError naming the first cause ("an {role} process failed: ...").
+
+    The ranks are not daemon processes: a daemon cannot start children, i.e. data loader workers
+    (--workers > 0). Every way out of here ends them, so none outlives rank 0.
+    """
+    check_world_size(world_size, device_type)
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    context = torch.multiprocessing.get_context("spawn")
+    failures = context.SimpleQueue()
+    workers = [context.Process(target=spawned_rank, args=(rank, world_size, init_method, device_type, threads,
+                                                          failures, work, work_args))
+               for rank in range(1, world_size)]
+    for worker in workers:
+        worker.start()
+    try:
+        init_group(0, world_size, init_method, device_type, threads=threads)
+        result = work(*work_args)
+    except (RuntimeError, dist.DistBackendError) as err:
+        cause = end_ranks(workers, failures) or f"rank 0: {describe(err)}"
+        raise InputError(f"an {role} process failed: {cause}") from None
+    except BaseException:
+        end_ranks(workers, failures, wait_s=0)  # they would wait for rank 0 in the gather until the group's timeout
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    for worker in workers:
+        worker.join()
+    return result

@@ -49,6 +49,7 @@ import data
 import distributed
 import errors
 import fileio
+import opts
 import vocab as vocab_lib
 from daa_loss import SemanticRelevance
 from errors import InputError
@@ -73,7 +74,9 @@ def build_parser():
     p.add_argument("--sims", action="append", default=[],
                    help="saved (n_images, n_captions) .npy to score instead of a model; repeat to average")
     p.add_argument("--data_path", default=None, help="data folder (default: the checkpoint's; required with --sims)")
-    p.add_argument("--data_name", default=None, help="with --sims: f30k_precomp, coco_precomp, ...")
+    p.add_argument("--data_name", default=None,
+                   help="with --sims: f30k_precomp, coco_precomp, ...; with a checkpoint it is the checkpoint's "
+                        "(another name is refused)")
     p.add_argument("--vocab_path", default=None,
                    help="folder with {data_name}_vocab.json "
                         "(default: the checkpoint's vocabulary, else its vocab_path)")
@@ -312,78 +315,6 @@ def save_ranks(sims, k, path):
                                     "scores": [float(s) for s in sc[q]]}) + "\n")
 
 
-def describe(err):
-    """One line for an exception: an InputError's message, else its type and first line."""
-    if isinstance(err, InputError):
-        return str(err)
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
-
-
-def evaluation_rank(rank, args, argv, init_method, device_type, failures):
-    """A process started by --world_size: score this rank's share of the matrix for rank 0, then leave.
-
-    Rank 0 would see only that a peer is gone ("Connection closed by peer"), so this process puts the
-    cause of its failure on `failures` (a queue) as one line for rank 0 to report, and exits with 2.
-    """
-    try:
-        distributed.init_group(rank, args.world_size, init_method, device_type, threads=args.threads)
-        evaluate(args, argv)
-    except BaseException as err:
-        failures.put(f"rank {rank}: {describe(err)}")
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def end_ranks(workers, failures, wait_s=10.0):
-    """End the spawned ranks after rank 0 failed; returns the first failure one of them reported, or None.
-
-    A rank that failed first reports and exits at once: it is waited for up to `wait_s` seconds (the ones
-    still running wait for rank 0 in a collective, until the group's timeout, and are terminated).
-    """
-    deadline = time.monotonic() + wait_s
-    while failures.empty() and any(w.is_alive() for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for worker in workers:
-        worker.terminate()
-        worker.join()
-    return None if failures.empty() else failures.get()
-
-
-def evaluate_spawned(args, argv):
-    """--world_size K: this process is rank 0 and starts ranks 1..K-1; rank 0 gathers and reports.
-
-    The ranks are not daemon processes: a daemon cannot start children, i.e. data loader workers
-    (--workers > 0). Every way out of here ends them, so none outlives rank 0.
-    """
-    device_type = resolve_device(args.device).type
-    distributed.check_world_size(args.world_size, device_type)
-    init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
-    context = torch.multiprocessing.get_context("spawn")
-    failures = context.SimpleQueue()
-    workers = [context.Process(target=evaluation_rank, args=(rank, args, argv, init_method, device_type, failures))
-               for rank in range(1, args.world_size)]
-    for worker in workers:
-        worker.start()
-    try:
-        distributed.init_group(0, args.world_size, init_method, device_type, threads=args.threads)
-        report = evaluate(args, argv)
-    except (RuntimeError, dist.DistBackendError) as err:
-        cause = end_ranks(workers, failures) or f"rank 0: {describe(err)}"
-        raise InputError(f"an evaluation process failed: {cause}") from None
-    except BaseException:
-        end_ranks(workers, failures, wait_s=0)  # they would wait for rank 0 in the gather until the group's timeout
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    for worker in workers:
-        worker.join()
-    return report
-
-
 def check_before_scoring(args, model_paths):
     """What can be checked from the checkpoints' options and the caption files, before a matrix is scored
     (hours for COCO 5K): the dataset folder (with a suggestion for a near-miss name), an ensemble pair (two
@@ -392,13 +323,16 @@ def check_before_scoring(args, model_paths):
     if model_paths:
         options = [checkpoint.load_checkpoint(path)["opt"] for path in model_paths]
         data_path, data_name = args.data_path or options[0].data_path, options[0].data_name
+        if args.data_name not in (None, data_name):  # never silently score another dataset than the one asked for
+            raise InputError(f"--data_name {args.data_name}: {model_paths[0]} was trained on {data_name}, whose "
+                             f"split a checkpoint is scored on (--data_path may point at another copy of it)")
         if len(options) == 2 and options[1].data_name != data_name:
             raise InputError(f"{model_paths[1]}: trained on {options[1].data_name}, but {model_paths[0]} on "
                              f"{data_name}; an ensemble pair scores one dataset")
         if len(options) == 2 and options[1].module_name == options[0].module_name:
-            raise InputError(f"{model_paths[1]}: an {options[1].module_name} model like {model_paths[0]}; an "
-                             f"ensemble pair averages two modules, e.g. SGR + SAF (average two runs of one module "
-                             f"with --sims)")
+            raise InputError(f"{model_paths[1]}: {opts.with_article(options[1].module_name)} model like "
+                             f"{model_paths[0]}; an ensemble pair averages two modules, e.g. SGR + SAF (average two "
+                             f"runs of one module with --sims)")
     else:
         data_path, data_name = args.data_path, args.data_name
     dataset_dir(data_path, data_name)
@@ -456,8 +390,8 @@ def main(argv=None):
             module_name = checkpoint.load_checkpoint(args.shortlist)["opt"].module_name
             if module_name not in ann_index.INDEXED_MODULES:
                 raise InputError(f"{args.shortlist}: --shortlist_index {args.shortlist_index} searches one embedding "
-                                 f"per item (VSE, PCME); a {module_name} model scores every pair with a network "
-                                 f"(use --shortlist_index exact)")
+                                 f"per item (VSE, PCME); {opts.with_article(module_name)} model scores every pair "
+                                 f"with a network (use --shortlist_index exact)")
     elif args.shortlist_index != "exact":
         raise InputError("--shortlist_index picks the candidates of --shortlist: give --shortlist CKPT --shortlist_k K")
     if args.max_matrix_gb is not None and not args.max_matrix_gb > 0:
@@ -474,14 +408,17 @@ def main(argv=None):
     threads = torch.get_num_threads()  # --threads is this evaluation's: an in-process caller keeps its own
     try:
         if distributed.launched_by_torchrun():
-            distributed.init_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://",
-                                   resolve_device(args.device).type, threads=args.threads)
+            rank = int(os.environ["RANK"])
+            distributed.init_group(rank, int(os.environ["WORLD_SIZE"]), "env://", resolve_device(args.device).type,
+                                   threads=args.threads)
             try:
-                return evaluate(args, argv)
+                with distributed.lost_peer_exits(rank, "evaluation"):
+                    return evaluate(args, argv)
             finally:
                 dist.destroy_process_group()
         if args.world_size > 1:
-            return evaluate_spawned(args, argv)
+            return distributed.run_spawned(args.world_size, resolve_device(args.device).type, args.threads,
+                                           "evaluation", evaluate, args, argv)
         distributed.set_threads(args.threads)
         return evaluate(args, argv)
     finally:

@@ -30,11 +30,13 @@ def build_parser():
     parser.add_argument("--log_step", default=10, type=int, help="iterations between log lines and TensorBoard points")
     parser.add_argument("--val_step", default=10000, type=int, help="iterations between mid-epoch validations")
     parser.add_argument("--grad_clip", default=2.0, type=float, help="clip the gradient norm (0 = off)")
-    parser.add_argument("--margin", default=0.2, type=float, help="hinge margin of the triplet loss")
+    parser.add_argument("--margin", default=0.2, type=float,
+                        help="SGR, SAF, VSE only: hinge margin of the triplet loss")
     parser.add_argument("--max_violation", action="store_false",
-                        help="(original switch) GIVING it turns hardest-negative mining OFF (sum of violations)")
+                        help="(original switch) GIVING it turns hardest-negative mining OFF (sum of violations); "
+                             "SGR, SAF, VSE only")
     parser.add_argument("--no_max_violation", dest="max_violation", action="store_false",
-                        help="sum the violations instead of taking the hardest negative")
+                        help="SGR, SAF, VSE only: sum the violations instead of taking the hardest negative")
     parser.add_argument("--local_rank", default=0, type=int, help="set by old launchers; torchrun uses LOCAL_RANK")
     parser.add_argument("--world_size", default=1, type=int,
                         help="number of processes (GPUs) to train on; SAF's gate BatchNorm pools each caption's "
@@ -84,7 +86,8 @@ def build_parser():
                              "paper: the formula as printed (ranks within each query row); tie_aware: paper's "
                              "ranks with a tied score counted as ranked above, as the ASP metric counts it")
     parser.add_argument("--warmup_epochs", default=0, type=int,
-                        help="epochs that sum the hinge violations before hardest-negative mining starts")
+                        help="SGR, SAF, VSE only: epochs that sum the hinge violations before hardest-negative mining "
+                             "starts")
     # running
     parser.add_argument("--seed", default=0, type=int, help="seed of the weights, dropout and data order")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -121,10 +124,25 @@ def parse_opt(argv=None):
     return build_parser().parse_args(argv)
 
 
-# Options that only one module reads: given on a run of another module, they would silently do nothing.
-MODULE_OPTIONS = {"vse_pool": "VSE", "pcme_samples": "PCME", "pcme_vib_weight": "PCME", "pcmepp_vib_weight": "PCMEpp",
-                  "pcmepp_pseudo_weight": "PCMEpp", "pcmepp_init_scale": "PCMEpp", "pcmepp_init_shift": "PCMEpp",
-                  "pcmepp_center_means": "PCMEpp"}
+# Options that only some modules read: given on a run of another module, they would silently do nothing.
+# The VSE++ hinge's (margin, hardest negatives, their warm-up) are read by the modules it trains, not by
+# PCME's and PCME++'s losses.
+HINGE_MODULES = ("SGR", "SAF", "VSE")
+MODULE_OPTIONS = {"vse_pool": ("VSE",), "pcme_samples": ("PCME",), "pcme_vib_weight": ("PCME",),
+                  "pcmepp_vib_weight": ("PCMEpp",), "pcmepp_pseudo_weight": ("PCMEpp",),
+                  "pcmepp_init_scale": ("PCMEpp",), "pcmepp_init_shift": ("PCMEpp",),
+                  "pcmepp_center_means": ("PCMEpp",), "margin": HINGE_MODULES, "max_violation": HINGE_MODULES,
+                  "warmup_epochs": HINGE_MODULES}
+
+
+def with_article(module_name):
+    """'an SGR', 'an SAF', 'a VSE', 'a PCME': the article of a module's name read letter by letter (S: "ess")."""
+    return f"{'an' if module_name[0] in 'AEFHILMNORSX' else 'a'} {module_name}"
+
+
+def option_flags(dest):
+    """The command-line names of option `dest`, e.g. '--max_violation/--no_max_violation'."""
+    return "/".join(flag for action in build_parser()._actions if action.dest == dest for flag in action.option_strings)
 
 
 def given_options(argv=None):

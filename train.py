@@ -30,7 +30,8 @@ import evaluation
 import opts
 from checkpoint import add_module_prefix, check_vocab, load_checkpoint, save_checkpoint
 from daa_loss import DAALoss
-from distributed import check_world_size, free_port, init_group, launched_by_torchrun, process_device, set_threads
+from distributed import (check_world_size, free_port, init_group, launched_by_torchrun, lost_peer_exits, process_device,
+                         set_threads)
 from errors import InputError, TrainingDiverged, run
 from fileio import check_output
 from layout import dataset_dir
@@ -87,9 +88,10 @@ def check_options(opt):
 
 def check_module_options(opt, given):
     """InputError for an option `given` ({name: value}) that the run's module does not read (opts.MODULE_OPTIONS)."""
-    for name, module_name in opts.MODULE_OPTIONS.items():
-        if name in given and opt.module_name != module_name:
-            raise InputError(f"--{name} is a {module_name} option, but this run trains a {opt.module_name} model")
+    for name, module_names in opts.MODULE_OPTIONS.items():
+        if name in given and opt.module_name not in module_names:
+            raise InputError(f"{opts.option_flags(name)} is {opts.with_article('/'.join(module_names))} option, but "
+                             f"this run trains {opts.with_article(opt.module_name)} model")
 
 
 def build_criterion(opt):
@@ -111,8 +113,8 @@ def load_start_checkpoint(opt, path):
     """Load a --resume/--init_from checkpoint and check that it belongs to the requested model."""
     ckpt = load_checkpoint(path)
     if ckpt["opt"].module_name != opt.module_name:
-        raise InputError(f"{path}: checkpoint holds a {ckpt['opt'].module_name} model but --module_name is "
-                         f"{opt.module_name}")
+        raise InputError(f"{path}: checkpoint holds {opts.with_article(ckpt['opt'].module_name)} model but "
+                         f"--module_name is {opt.module_name}")
     return ckpt
 
 
@@ -239,7 +241,7 @@ def compute_losses(model, criterion, images, captions, lengths, relevance, max_v
     captions of one image in a batch; without them only the diagonal).
     """
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        outputs = model(images, captions, lengths)  # (B, B) scores; PCME, PCMEpp: a model.PCMEBatch
+        outputs = model(images, captions, lengths)  # (B, B) scores; PCME, PCMEpp: an embedding_models.PCMEBatch
     if image_ids is not None and isinstance(criterion, PCMEppLoss):
         image_ids = torch.as_tensor(image_ids, device=relevance.device)
         return criterion(outputs, relevance, max_violation=max_violation,
@@ -491,19 +493,14 @@ def distributed_process(rank, opt, init_method):
     """Entry point of one process of a K-process run, started by --world_size or by torchrun (one or
     several machines): turn failures into one line and an exit code, never a traceback."""
     try:
-        train_process(rank, opt, init_method)
+        with lost_peer_exits(rank, "training"):
+            train_process(rank, opt, init_method)
     except InputError as err:
         print(f"error: rank {rank}: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as err:
         print(f"error: rank {rank}: training diverged: {err}", file=sys.stderr)
         sys.exit(3)
-    except (RuntimeError, dist.DistBackendError) as err:
-        if not dist.is_initialized():
-            raise
-        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        print(f"error: rank {rank}: lost contact with another training process ({detail})", file=sys.stderr)
-        os._exit(3)  # skip destroy_process_group, which would wait for the dead peer
 
 
 # ------------------------------------------------------------------------------------------------

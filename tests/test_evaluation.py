@@ -42,6 +42,17 @@ def brute_scores(S, M):
     return out
 
 
+def top_columns(S, k):
+    """Each row's k best columns of S: descending score, ties by lower index (a tie at the cut: all its members
+    considered)."""
+    cut = -np.partition(-S, k - 1, axis=1)[:, k - 1]
+    tops = []
+    for row, kth in zip(np.ascontiguousarray(S), cut):
+        candidates = np.flatnonzero(row >= kth)
+        tops.append(candidates[np.lexsort((candidates, -row[candidates]))][:k])
+    return tops
+
+
 def assert_scores(report, expected):
     for d in ("i2t", "t2i"):
         for key in KEYS:
@@ -320,10 +331,13 @@ def test_model_mode_end_to_end(synth, tiny_ckpts, tmp_path):
         for key in KEYS:
             assert ens[d][key] == pytest.approx(np.mean([fold[d][key] for fold in ens["folds"]]))
     assert_scores(ens["all"], evaluation.score_matrix(S, M))  # --save_sims needs the whole matrix: 5K too
+    # --save_ranks: every line, i2t (image rows) then t2i (caption columns), against the top 3 ranked here
     lines = [json.loads(line) for line in ranks.read_text().splitlines()]
-    assert len(lines) == n + 5 * n and lines[0]["direction"] == "i2t" and len(lines[0]["topk"]) == 3
-    assert lines[0]["topk"] == np.argsort(-S[0], kind="stable")[:3].tolist()
-    assert lines[0]["scores"] == pytest.approx(S[0, lines[0]["topk"]].tolist())
+    expected = [("i2t", q, top, S[q, top]) for q, top in enumerate(top_columns(S, 3))]
+    expected += [("t2i", q, top, S[top, q]) for q, top in enumerate(top_columns(S.T, 3))]
+    assert len(lines) == len(expected) == n + 5 * n
+    for line, (direction, q, top, values) in zip(lines, expected):
+        assert line == {"direction": direction, "query": q, "topk": top.tolist(), "scores": values.tolist()}, line
     out3 = tmp_path / "fold_only.json"
     assert errors.run(evaluation.main, ["--model_path", sgr, "--model_path2", saf, "--fold5", "--json", str(out3)]
                       + base) == 0
@@ -365,6 +379,51 @@ def test_validation_scores_the_model_on_the_dev_cut(synth, tiny_ckpts):
     assert_scores(metrics, brute_scores(S, relevance_dense(captions_text).astype(np.float32)))
 
 
+def test_a_lost_peer_under_torchrun_is_one_line(synth, tiny_ckpts, tmp_path, monkeypatch, capsys):
+    """evaluation.py under torchrun (here a group of one, env:// as torchrun sets it up): a collective that
+    fails because a peer is gone is one line, exit 3, as train.py's (distributed.lost_peer_exits serves both),
+    not a traceback from inside torch.distributed; nothing is written. gloo's own message is what is raised."""
+    import torch.distributed as dist
+
+    import distributed
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(distributed.free_port()))):
+        monkeypatch.setenv(name, value)
+
+    def peer_gone(args, argv):
+        assert dist.is_initialized()
+        raise dist.DistBackendError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500\n"
+                                    "Exception raised from recvBytes")
+
+    def exit_now(code):  # os._exit would end pytest
+        raise SystemExit(code)
+
+    monkeypatch.setattr(evaluation, "evaluate", peer_gone)
+    monkeypatch.setattr(distributed.os, "_exit", exit_now)
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit) as exit_:
+        evaluation.main(["--model_path", tiny_ckpts[0], "--vocab_path", synth.vocab_path, "--split", "testall",
+                         "--device", "cpu", "--json", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 3 and len(err) == 1, err
+    assert err[0] == ("error: rank 0: lost contact with another evaluation process ([gloo/transport/tcp/pair.cc:534] "
+                      "Connection closed by peer [127.0.0.1]:29500)")
+    assert not out.exists() and not dist.is_initialized()
+
+
+def test_data_name_must_be_the_checkpoints(synth, tiny_ckpts, capsys, tmp_path):
+    """--data_name with --model_path: the checkpoint's data name decides which dataset is scored, so another one
+    is refused (one line, nothing written) instead of being silently ignored; the checkpoint's own is accepted."""
+    out = tmp_path / "never.json"
+    base = ["--model_path", tiny_ckpts[0], "--vocab_path", synth.vocab_path, "--split", "testall", "--device", "cpu"]
+    _expect_error(capsys, base + ["--data_name", "f30k_precomp", "--json", str(out)], out,
+                  "--data_name f30k_precomp: ", also="was trained on coco_precomp")
+    same = tmp_path / "same.json"
+    assert errors.run(evaluation.main, base + ["--data_name", "coco_precomp", "--json", str(same)]) == 0
+    assert json.loads(same.read_text())["provenance"]["data_name"] == "coco_precomp"
+
+
 def test_eccv_needs_testall(synth, tiny_ckpts, capsys, tmp_path):
     out = tmp_path / "never.json"
     _expect_error(capsys, ["--model_path", tiny_ckpts[0], "--vocab_path", synth.vocab_path, "--split", "testall",
@@ -393,8 +452,21 @@ def test_eccv_scores_on_the_real_test_ids(tmp_path):
     for k in (1, 5, 10):
         assert out[f"coco_5k_r{k}"]["i2t"] == pytest.approx(ours["i2t"][f"r{k}"])
         assert out[f"coco_5k_r{k}"]["t2i"] == pytest.approx(ours["t2i"][f"r{k}"])
-    assert {"eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_r1", "cxc_r5", "cxc_r10"} <= set(out)
     assert "0 unmatched" not in out["caption_ids"] and "24995 unmatched" in out["caption_ids"]
+    # Every value against the package called directly on the same matrix, ranked here (the text-matched ids
+    # are the package's own): each query's top 64 (above the 48 positives of the largest ECCV query, so a
+    # ranking cut too short in the adapter would change mAP@R and R-P), descending score, ties by lower index.
+    rows = [int(i) for i in image_ids[::5]]
+    i2t_items = {rows[i]: [int(caption_ids[j]) for j in top] for i, top in enumerate(top_columns(S, 64))}
+    t2i_items = {int(caption_ids[j]): [rows[i] for i in top] for j, top in enumerate(top_columns(S.T, 64))}
+    names = ("eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_recalls", "coco_5k_recalls")
+    theirs = Metrics().compute_all_metrics(i2t_items, t2i_items, target_metrics=names, Ks=(1, 5, 10), verbose=False)
+    assert set(out) == set(theirs) | {"caption_ids"}
+    assert {"eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_r1", "cxc_r5", "cxc_r10"} <= set(out)
+    for name, value in theirs.items():
+        for d in ("i2t", "t2i"):
+            assert out[name][d] == pytest.approx(100 * value[d], abs=1e-9), (name, d)
+    assert 0 < out["eccv_map_at_r"]["i2t"] < 5  # random scores: far from perfect, not zero
     # ids that do not agree with the package's test split
     (split / "testall_ids.txt").write_text("".join(f"{i + 1}\n" for i in image_ids))
     with pytest.raises(errors.InputError, match="testall_ids.txt"):

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 import data
 import distributed
+import encoders
 import errors
 import evaluation
 import model as model_lib
@@ -218,10 +219,9 @@ def test_a_failed_rank_reports_its_cause(monkeypatch):
         raise InputError("data/f30k_precomp/test_ims.npy: feature file not found")
 
     monkeypatch.setattr(distributed, "init_group", lambda *args, **kwargs: None)
-    monkeypatch.setattr(evaluation, "evaluate", fail)
     failures = queue.SimpleQueue()
     with pytest.raises(SystemExit) as exit_:
-        evaluation.evaluation_rank(1, argparse.Namespace(world_size=2, threads=0), [], "tcp://x", "cpu", failures)
+        distributed.spawned_rank(1, 2, "tcp://x", "cpu", 0, failures, fail, (argparse.Namespace(), []))
     assert exit_.value.code == 2
 
     class Rank:  # a spawned rank: one that failed and left, or one still waiting in a collective
@@ -238,9 +238,9 @@ def test_a_failed_rank_reports_its_cause(monkeypatch):
             pass
 
     ranks = [Rank(False), Rank(True)]
-    assert evaluation.end_ranks(ranks, failures) == "rank 1: data/f30k_precomp/test_ims.npy: feature file not found"
+    assert distributed.end_ranks(ranks, failures) == "rank 1: data/f30k_precomp/test_ims.npy: feature file not found"
     assert all(r.ended and not r.alive for r in ranks) and failures.empty()
-    assert evaluation.end_ranks([Rank(True)], failures, wait_s=0.2) is None  # nothing reported: rank 0's own error
+    assert distributed.end_ranks([Rank(True)], failures, wait_s=0.2) is None  # nothing reported: rank 0's own error
 
 
 def test_precision_fp32_turns_cudnn_tf32_off():
@@ -279,10 +279,10 @@ def test_fp16_zero_vectors_stay_finite():
     """In fp16 the original's eps (1e-8) rounds to 0: an all-zero vector or context gave 0 / 0 = NaN. fp32
     computes as before (compared with the formula written out)."""
     zero = torch.zeros(3, 8, dtype=torch.float16)
-    assert torch.equal(model_lib.l2norm(zero), zero) and torch.equal(model_lib.l1norm(zero, 1), zero)
+    assert torch.equal(encoders.l2norm(zero), zero) and torch.equal(encoders.l1norm(zero, 1), zero)
     x = torch.randn(5, 8)
-    assert torch.equal(model_lib.l2norm(x), x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-8))
-    assert torch.equal(model_lib.l1norm(x, 1), x / (x.abs().sum(1, keepdim=True) + 1e-8))
+    assert torch.equal(encoders.l2norm(x), x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-8))
+    assert torch.equal(encoders.l1norm(x, 1), x / (x.abs().sum(1, keepdim=True) + 1e-8))
 
     gen = torch.Generator().manual_seed(0)
     aT = torch.rand(2, 36, 5, generator=gen)

@@ -18,10 +18,10 @@ import torch
 
 import checkpoint
 import data
+import embedding_models
 import errors
 import evaluation
 import make_synthetic_data
-import model
 import opts
 import pcme_loss
 import train
@@ -129,10 +129,10 @@ def test_gpo_pools_as_its_restatement_for_every_length_and_ignores_padding():
     """Lengths 1..9 in one batch, padded positions full of large values of both signs: the pooled vectors and
     the gradients (features and GRU/linear weights) equal the item-by-item restatement."""
     torch.manual_seed(0)
-    gpo = model.GPO().double()
+    gpo = embedding_models.GPO().double()
     lengths = torch.tensor([9, 1, 4, 7, 2, 5, 8, 3, 6])
     local = torch.randn(9, 9, 5, dtype=torch.float64)
-    mask = model.word_mask(lengths, 9, "cpu")
+    mask = embedding_models.word_mask(lengths, 9, "cpu")
     local = torch.where(mask[..., None], local, 1e3 * torch.randn(9, 9, 5, dtype=torch.float64)).requires_grad_()
     pooled = gpo(local, mask)
     expected = torch.stack([gpo_loop(gpo, local[i], int(lengths[i])) for i in range(9)])
@@ -155,7 +155,7 @@ def test_gpo_sorts_each_dimension():
     """A permutation of an item's real positions does not change its pooled vector; with one position far above
     the others in every dimension GPO gives w_1 times it plus the rest, as the weights of the sorted values."""
     torch.manual_seed(1)
-    gpo = model.GPO().double()
+    gpo = embedding_models.GPO().double()
     local = torch.randn(1, 6, 4, dtype=torch.float64)
     mask = torch.ones(1, 6, dtype=torch.bool)
     shuffled = local[:, torch.randperm(6)]
@@ -279,7 +279,7 @@ def test_pcmepp_pairs_of_an_image_drawn_twice_are_matches():
     image_ids = torch.tensor([0, 1, 0, 2, 3])
     same = image_ids[:, None] == image_ids[None, :]
     criterion = pcme_loss.PCMEppLoss(vib_weight=0, daa_weight=0)
-    batch = model.PCMEBatch(-logits, logits, torch.zeros((), dtype=torch.float64))
+    batch = embedding_models.PCMEBatch(-logits, logits, torch.zeros((), dtype=torch.float64))
     losses = criterion(batch, None, matches=same)
     labels = same.double()
     i2t = torch.maximum(labels, (logits >= logits.diagonal()[:, None]).double())
@@ -384,8 +384,8 @@ def test_ensembles_and_shortlists_take_pcmepp_and_gpo(pcmepp_run, gpo_run, synth
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--module_name", "SGR", "--vse_pool", "gpo"], "--vse_pool is a VSE option, but this run trains a SGR model"),
-    (["--module_name", "SAF", "--vse_pool", "gpo"], "--vse_pool is a VSE option, but this run trains a SAF model"),
+    (["--module_name", "SGR", "--vse_pool", "gpo"], "--vse_pool is a VSE option, but this run trains an SGR model"),
+    (["--module_name", "SAF", "--vse_pool", "gpo"], "--vse_pool is a VSE option, but this run trains an SAF model"),
     (["--module_name", "PCMEpp", "--vse_pool", "gpo"], "--vse_pool is a VSE option, but this run trains a PCMEpp"),
     (["--module_name", "PCME", "--pcmepp_vib_weight", "0.1"], "--pcmepp_vib_weight is a PCMEpp option, but this run "
                                                               "trains a PCME model"),
@@ -393,6 +393,13 @@ def test_ensembles_and_shortlists_take_pcmepp_and_gpo(pcmepp_run, gpo_run, synth
     (["--module_name", "SAF", "--pcmepp_pseudo_weight", "0.2"], "--pcmepp_pseudo_weight is a PCMEpp option"),
     (["--module_name", "PCMEpp", "--pcme_samples", "3"], "--pcme_samples is a PCME option, but this run trains a "
                                                          "PCMEpp model"),
+    (["--module_name", "PCME", "--margin", "0.1"], "--margin is an SGR/SAF/VSE option, but this run trains a PCME "
+                                                   "model"),
+    (["--module_name", "PCMEpp", "--warmup_epochs", "1"], "--warmup_epochs is an SGR/SAF/VSE option, but this run "
+                                                         "trains a PCMEpp model"),
+    (["--module_name", "PCME", "--no_max_violation"], "--max_violation/--no_max_violation is an SGR/SAF/VSE option, "
+                                                      "but this run trains a PCME model"),
+    (["--module_name", "PCMEpp", "--max_violation"], "--max_violation/--no_max_violation is an SGR/SAF/VSE option"),
     (["--module_name", "PCMEpp", "--pcmepp_pseudo_weight", "-1"], "must be numbers of at least 0"),
     (["--module_name", "PCMEpp", "--pcmepp_vib_weight", "nan"], "must be numbers of at least 0"),
     (["--module_name", "VSE", "--pcmepp_init_shift", "10"], "--pcmepp_init_shift is a PCMEpp option"),
@@ -429,10 +436,12 @@ def test_embedding_options_default_to_their_published_values():
     assert pcme_loss.PCMELoss().vib_weight == PCME_VIB
     assert (pcme_loss.PCMEppLoss().vib_weight, pcme_loss.PCMEppLoss().pseudo_weight) == (PCMEPP_VIB, PCMEPP_PSEUDO)
     assert (opt.pcmepp_init_scale, opt.pcmepp_init_shift) == (PCMEPP_A, PCMEPP_B)
-    assert opts.MODULE_OPTIONS == {"vse_pool": "VSE", "pcme_samples": "PCME", "pcme_vib_weight": "PCME",
-                                   "pcmepp_vib_weight": "PCMEpp", "pcmepp_pseudo_weight": "PCMEpp",
-                                   "pcmepp_init_scale": "PCMEpp", "pcmepp_init_shift": "PCMEpp",
-                                   "pcmepp_center_means": "PCMEpp"}
+    hinge = ("SGR", "SAF", "VSE")
+    assert opts.MODULE_OPTIONS == {"vse_pool": ("VSE",), "pcme_samples": ("PCME",), "pcme_vib_weight": ("PCME",),
+                                   "pcmepp_vib_weight": ("PCMEpp",), "pcmepp_pseudo_weight": ("PCMEpp",),
+                                   "pcmepp_init_scale": ("PCMEpp",), "pcmepp_init_shift": ("PCMEpp",),
+                                   "pcmepp_center_means": ("PCMEpp",),
+                                   "margin": hinge, "max_violation": hinge, "warmup_epochs": hinge}
     assert opt.pcmepp_center_means is False  # PCME++ has no centring: off unless asked
 
 
@@ -459,8 +468,8 @@ def test_embedding_heads_start_at_their_published_values():
         gru = gpo.gru
         assert (gru.input_size, gru.hidden_size, gru.num_layers, gru.bidirectional) == (GPO_PE, GPO_HIDDEN, 1, True)
         assert (gpo.linear.in_features, gpo.linear.out_features, gpo.linear.bias) == (GPO_HIDDEN, 1, None)
-    assert (model.GPO_PE_DIM, model.GPO_HIDDEN, model.GPO_TEMPERATURE) == (GPO_PE, GPO_HIDDEN, GPO_TEMPERATURE)
-    torch.testing.assert_close(model.sinusoid_positions(40, GPO_PE, torch.float64), positions_loop(40))
+    assert (embedding_models.GPO_PE_DIM, embedding_models.GPO_HIDDEN, embedding_models.GPO_TEMPERATURE) == (GPO_PE, GPO_HIDDEN, GPO_TEMPERATURE)
+    torch.testing.assert_close(embedding_models.sinusoid_positions(40, GPO_PE, torch.float64), positions_loop(40))
 
 
 def test_pcme_probability_is_pcmes_sigma_at_15():

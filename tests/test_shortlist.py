@@ -316,7 +316,7 @@ def test_augmented_vectors_give_the_distance_scores():
     assert q.shape == (7, 8) and g.shape == (11, 8)
     expected = -((a[:, None] - b[None]) ** 2).sum(-1) - u[:, None] - v[None, :]
     np.testing.assert_allclose(q.astype(np.float64) @ g.T.astype(np.float64), expected, rtol=1e-5, atol=1e-5)
-    from model import PCMEHead
+    from embedding_models import PCMEHead
     torch.manual_seed(0)
     head = PCMEHead(6).eval()
     img, cap = head.embed_images(torch.randn(5, 4, 6)), head.embed_captions(torch.randn(9, 3, 6), torch.tensor([3] * 9))

@@ -223,6 +223,36 @@ def test_mid_epoch_validations_are_logged_only(synth, short, tmp_path):
     assert best["best_rsum"] == pytest.approx(rsums[-1], abs=1e-6)
 
 
+@pytest.mark.parametrize("last_end, best_epoch", [(120.0, 0), (200.0, 1)])
+def test_a_mid_epoch_validation_above_the_end_of_epoch_ones_is_not_model_best(synth, short, tmp_path, monkeypatch,
+                                                                              last_end, best_epoch):
+    """Two epochs of 10 iterations, --val_step 5: validations at iterations 5 and 10 (mid-epoch), the end of
+    epoch 0, iterations 15 and 20, the end of epoch 1. Their rsums are scripted (each on top of a real
+    validation) so that epoch 1's mid-epoch 400 beats every end-of-epoch one: model_best is still the better
+    end of epoch (150 after epoch 0, or `last_end` after epoch 1), its best_rsum that value, and every
+    validation is logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    script = [100.0, 110.0, 150.0, 400.0, 300.0, last_end]
+    real_validate, given = evaluation.validate, iter(script)
+    monkeypatch.setattr(evaluation, "validate", lambda *args, **kwargs: dict(real_validate(*args, **kwargs),
+                                                                             rsum=next(given)))
+    argv = short_argv(synth, short, tmp_path) + ["--batch_size", "20", "--num_epochs", "2", "--val_step", "5",
+                                                 "--val_images", "10", "--learning_rate", "0.002"]
+    assert errors.run(train.main, argv) == 0
+    assert next(given, None) is None  # every scripted validation ran
+    best = load(tmp_path / "run" / "model_best.pth.tar")
+    chosen = load(tmp_path / "run" / f"checkpoint_{best_epoch}.pth.tar")
+    assert best["epoch"] == chosen["epoch"] == best_epoch + 1 and best["best_rsum"] == max(150.0, last_end)
+    for state, other in zip(best["model"], chosen["model"]):
+        assert all(torch.equal(value, other[key]) for key, value in state.items())
+    saved = [load(tmp_path / "run" / f"checkpoint_{e}.pth.tar")["best_rsum"] for e in (0, 1)]
+    assert saved == [150.0, best["best_rsum"]]
+    events = EventAccumulator(str(tmp_path / "log"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("r_sum")] == list(zip([5, 10, 10, 15, 20, 20], script))
+
+
 def test_best_rsum_is_what_evaluation_finds_on_dev(scheduled, synth):
     run = scheduled[0] / "run"
     best = load(run / "model_best.pth.tar")
