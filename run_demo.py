@@ -36,6 +36,7 @@ import numpy as np
 
 import errors
 import fileio
+import opts
 from errors import InputError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -108,7 +109,8 @@ def train_args(size, training, data_path, vocab_path, module_name, model_dir, lo
             "--model_name", model_dir, "--logger_name", log_dir, "--module_name", module_name,
             "--img_dim", SIZES[size]["feat_dim"], "--seed", seed]
     for name, value in training.items():
-        args += [f"--{name}", value]
+        if module_name in opts.MODULE_OPTIONS.get(name, (module_name,)):  # e.g. no hinge warm-up for PCME
+            args += [f"--{name}", value]
     return args + list(extra)
 
 
