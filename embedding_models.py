@@ -196,7 +196,7 @@ class PCMEHead(nn.Module):
     samples z = mean + exp(log-variance / 2) eps per item (not re-normalised, as PCME), a = exp(log_scale)
     > 0 and b learned. In eval mode the score is the means' sigmoid(-a ||mu_i - mu_j|| + b): deterministic,
     one matrix product, and the ranking of the means' cosine except where float32 probabilities tie (at
-    a = b = 30 every pair with a cosine above about 0.9 scores 1.0; README).
+    a = b = 30 every pair with a cosine above about 0.9 scores 1.0; assets/embedding_models.md).
     """
 
     module_name = "PCME"
@@ -288,7 +288,7 @@ class GPOGaussianHead(nn.Module):
         `running_center`, so that an item's mean depends on it alone. GPO's top-weighted sort makes every
         dimension's pooled value positive, one shared offset per modality (cosine of two images' means 0.76,
         of two captions' 0.99 at the start); PCME++'s BCE, not invariant to it as a ranking loss is, kept it
-        (README)."""
+        (assets/embedding_models.md)."""
         if not self.training:
             return pooled - self.running_center.to(pooled.dtype)
         centre = pooled.mean(0)

@@ -22,9 +22,9 @@ P_i2t[i, j] = 1 where logit[i, j] >= logit[i, i] (pseudo-positives of image i, i
 them) or I[i, j], P_t2i[i, j] = 1 where logit[i, j] >= logit[j, j] or I[i, j], labels that carry no gradient;
 KL the mean over items and dims, per modality, of the two modalities' KL to N(0, I). The factor B^2 turns PCME++'s means
 over the B x B pairs into sums, as PCME's soft contrastive above (and PCME's code) sums its pairs, so that
---daa_weight weighs DAA against the matching loss as it does for PCME (README: PCME++'s mean let DAA at
+--daa_weight weighs DAA against the matching loss as it does for PCME (assets/embedding_models.md: PCME++'s mean let DAA at
 weight 1 swamp the matching loss); PCME++'s own terms keep their ratios. DAA ranks S = -CSD, the score
-evaluation ranks by (README).
+evaluation ranks by (assets/embedding_models.md).
 """
 import math
 

@@ -26,7 +26,7 @@ from errors import InputError
 from metrics import _chunks, _twice_ranks, score_chunks, score_matrix
 from pmrp_com.pmrp import topk_rows
 
-# How a PCME (PCME++) checkpoint's matrix is scored (model.PCMEHead, PCMEppHead in eval mode), told in the JSON
+# How a PCME (PCME++) checkpoint's matrix is scored (embedding_models.PCMEHead, PCMEppHead in eval mode), told in the JSON
 # of its evaluations.
 PCME_SCORING = "means: sigmoid(-a ||mu_image - mu_caption||_2 + b)"
 PCMEPP_SCORING = "-CSD: -(||mu_image - mu_caption||^2 + sum sigma_image^2 + sum sigma_caption^2)"

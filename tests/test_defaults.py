@@ -21,7 +21,7 @@ from tools.baselines.tfidf_dense import relevance_dense
 from errors import InputError
 
 # The original opts.py: every option with a number or name of the method, and its default. world_size
-# is 1 instead of the original's 4, which assumed four GPUs (README).
+# is 1 instead of the original's 4, which assumed four GPUs (assets/differences.md).
 ORIGINAL_DEFAULTS = {
     "data_path": "data", "data_name": "f30k_precomp", "vocab_path": "vocab/", "batch_size": 128,
     "num_epochs": 30, "lr_update": 20, "learning_rate": 0.00015, "log_step": 10, "grad_clip": 2.0,

@@ -43,7 +43,7 @@ PCME_SAMPLES, PCME_VIB, PCME_A, PCME_B = 7, 1e-5, 30.0, 30.0
 # PCME++, naver-ai/pcmepp configs/pcmepp.yaml: init_negative_scale 5, init_shift 5, vib_beta 0.0001,
 # smoothness_alpha 0.1 (the weight of the pseudo-positive matching loss).
 PCMEPP_A, PCMEPP_B, PCMEPP_VIB, PCMEPP_PSEUDO = 5.0, 5.0, 1e-4, 0.1
-# This project's own choices (README): VSE pools by the mean unless told; PCME's and PCME++'s Gaussians start
+# This project's own choices (assets/embedding_models.md): VSE pools by the mean unless told; PCME's and PCME++'s Gaussians start
 # with a noise of norm 0.1 (sum of the variances 0.01); make_synthetic_data names half the objects' colours.
 VSE_POOL, INITIAL_NOISE_NORM, BINDING = "mean", 0.1, 0.5
 
@@ -527,7 +527,7 @@ def pcme_eval(means, a, b, dtype):
 
 
 def test_pcme_evaluation_ranks_as_the_means_cosine_unless_float32_ties_near_pairs():
-    """The README's claim, tested: evaluation by the means ranks every row as the means' cosine (exactly, where
+    """assets/embedding_models.md's claim, tested: evaluation by the means ranks every row as the means' cosine (exactly, where
     the probabilities stay apart, as at a = b = 5 with random means), but at the initial a = b = 30 the float32
     probability of every pair with a cosine above about 0.9 is 1.0, so they tie where the cosine ranks them."""
     gen = torch.Generator().manual_seed(0)

@@ -80,7 +80,7 @@ GRID = {
 }
 PLATEAU_AFTER = 2
 # Models that are a module with options of its own: VSE with VSE∞'s generalized pooling; PCME++ with each
-# modality's pooled means centred (README: plain PCME++ does not learn on this data).
+# modality's pooled means centred (assets/embedding_models.md: plain PCME++ does not learn on this data).
 MODEL_OPTIONS = {"VSEgpo": ("VSE", ("--vse_pool", "gpo")), "PCMEppCentred": ("PCMEpp", ("--pcmepp_center_means",))}
 DEFAULT_BINDING = 0.5  # make_synthetic_data.py's --binding default: the data every other entry uses
 # Plateau runs: SAF, no warm-up (hardest negatives from the first step, the original recipe), the lr of
