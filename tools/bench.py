@@ -56,7 +56,7 @@ abs difference of their outputs, and prints one Markdown table (also written to 
 Layout: this file is the command line, the runner, the table and the targets; tools/bench_common.py holds
 the sizes, measurement, flop counts, rows and inputs; the cases are in bench_scoring.py (similarity, train,
 daa), bench_metrics.py (asp, pmrp, tfidf, np2h), bench_embedding.py, bench_shortlist.py and bench_gallery.py
-(large_gallery, with the ANN rows). Every name of the one-file bench is still importable as tools.bench.<name>.
+(large_gallery, with the ANN rows).
 
 Memory: each side's peak RSS increase, in this process: before a measurement freed memory is handed
 back to the OS (gc + malloc_trim) and the kernel's peak-RSS mark is reset to the current RSS (write
