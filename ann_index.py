@@ -57,7 +57,7 @@ def search_vectors(module_name, img_rows, cap_rows):
     """The vectors to search of a shortlist model's encoded rows (scoring.encode's: VSE (n, d) unit
     vectors, PCME and PCMEpp (n, 2, d) mean and log-variance): ((image queries, caption gallery) for i2t,
     (caption queries, image gallery) for t2i), float32, inner product = the model's ranking (PCMEpp's:
-    -CSD itself, model.negative_csd)."""
+    -CSD itself, embedding_models.negative_csd)."""
     img_rows, cap_rows = np.asarray(img_rows, dtype=np.float32), np.asarray(cap_rows, dtype=np.float32)
     if module_name == "VSE":
         return (img_rows, cap_rows), (cap_rows, img_rows)

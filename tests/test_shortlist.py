@@ -330,12 +330,12 @@ def test_augmented_vectors_give_the_distance_scores():
 
 
 def test_pcmepp_search_vectors_are_minus_csd():
-    """PCME++'s search vectors: inner products = -CSD of model.negative_csd (the variance sums are per-item
+    """PCME++'s search vectors: inner products = -CSD of embedding_models.negative_csd (the variance sums are per-item
     terms), so they rank as it does, both directions."""
     import ann_index
     import torch
 
-    from model import PCMEppHead, negative_csd
+    from embedding_models import PCMEppHead, negative_csd
     torch.manual_seed(0)
     head = PCMEppHead(6).eval()
     with torch.no_grad():
