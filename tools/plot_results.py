@@ -113,7 +113,10 @@ def plot_ablation(report, path):
             {h["variant"] for h in groups if (h["module"], data_of(h)) == (g["module"], data_of(g)) and h["daa_weight"]})
         for variant in variants:
             lines.setdefault((g["module"], variant, data_of(g)), []).append(g)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    legend_rows = -(-(2 * len(lines) + 2) // 4)  # two directions per line and the oracle's two, in 4 columns
+    legend_height = 0.17 * legend_rows + 0.2  # inches
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4 + legend_height))
+    colours = plt.get_cmap("tab20")  # 20 distinct colours: the grid has more (model, variant, data) lines than 10
     for ax, (metric, title) in zip(axes, (("r1", "R@1"), ("asp", "ASP"), ("pmrp", "PMRP"))):
         for k, ((module, variant, (noise, binding)), members) in enumerate(sorted(lines.items())):
             members = sorted(members, key=lambda g: g["daa_weight"])
@@ -121,7 +124,7 @@ def plot_ablation(report, path):
             data = (f" noise {noise:g}" if noise else "") + (f" binding {binding:g}" if binding not in (None, 0.5) else "")
             for d, style in (("i2t", "-"), ("t2i", "--")):
                 ax.errorbar(x, [g["mean"][d][metric] for g in members], yerr=[g["std"][d][metric] for g in members],
-                            color=f"C{k % 10}", ls=style, marker="o", ms=4, capsize=3,
+                            color=colours(k % 20), ls=style, marker="o", ms=4, capsize=3,
                             label=f"{module} {variant}{data} {d}")
         if metric == "asp":
             for d, style in (("i2t", "-"), ("t2i", "--")):
@@ -130,10 +133,12 @@ def plot_ablation(report, path):
         ax.set(xticks=range(len(weights)), xticklabels=[f"{w:g}" for w in weights], xlabel="DAA weight",
                title=title)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
+    # one legend below the panels: inside one, its many entries would hide the curves
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
     n_seeds = max(len(g["runs"]) for g in groups)
     fig.suptitle(f"DAA ablation: mean ± std over up to {n_seeds} seeds ({report['scope']})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
     save(fig, path)
 
 
