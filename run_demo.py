@@ -114,19 +114,20 @@ def train_args(size, training, data_path, vocab_path, module_name, model_dir, lo
     return args + list(extra)
 
 
-def maker_args(size, out_dir):
-    """make_synthetic_data.py's arguments for the demo's synthetic COCO under out_dir."""
+def maker_args(size, out_dir, binding=None):
+    """make_synthetic_data.py's arguments for the demo's synthetic COCO under out_dir (with its --binding if given)."""
     data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
     sizes = [a for name, value in SIZES[size].items() for a in (f"--{name}", value)]
-    return ["--out_dir", data_path, "--vocab_dir", vocab_path, "--ann_dir", ann_root, "--datasets", DATA_NAME] + sizes
+    return (["--out_dir", data_path, "--vocab_dir", vocab_path, "--ann_dir", ann_root, "--datasets", DATA_NAME] + sizes
+            + (["--binding", binding] if binding is not None else []))
 
 
 def make_data(size, out_dir, step, run_script, noise_rate=0, binding=None):
     """Steps 1-3: synthetic COCO (with `noise_rate`'s noisy training pairs, and make_synthetic_data.py's
     --binding if given), HDF5 features, vocabulary. Returns (data_path, vocab_path, ann_root)."""
     data_path, vocab_path, ann_root = (os.path.join(out_dir, d) for d in ("data", "vocab", "coco_ann"))
-    options = (["--noise_rate", noise_rate] if noise_rate else []) + (["--binding", binding] if binding is not None else [])
-    run_script("make_synthetic_data.py", maker_args(size, out_dir) + options, step("synthetic COCO"))
+    noise = ["--noise_rate", noise_rate] if noise_rate else []
+    run_script("make_synthetic_data.py", maker_args(size, out_dir, binding) + noise, step("synthetic COCO"))
     run_script("np2h.py", ["--data_path", data_path, "--data_name", DATA_NAME], step("features to HDF5"))
     # The maker wrote a vocabulary already; vocab.py rebuilds it here exactly as for real captions. Not on noisy
     # captions: moved between images, they number the words in another first-seen order (the maker's vocabulary
@@ -149,8 +150,7 @@ def save_reference_matrices(size, out_dir, data_path, binding=None):
 
     relevance, _ = evaluation.relevance_of_split(data_path, DATA_NAME, "testall")
     M = relevance.matrix()
-    binding = ["--binding", binding] if binding is not None else []
-    maker_opt = make_synthetic_data.build_parser().parse_args([str(a) for a in maker_args(size, out_dir) + binding])
+    maker_opt = make_synthetic_data.build_parser().parse_args([str(a) for a in maker_args(size, out_dir, binding)])
     matrices = {"random scores": np.random.default_rng(0).random(M.shape).astype(np.float32),
                 "constant scores": np.full(M.shape, 0.5, dtype=np.float32),
                 "content oracle": make_synthetic_data.content_oracle(maker_opt), "relevance M": M}

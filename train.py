@@ -437,9 +437,7 @@ def train_process(rank, opt, init_method):
                 # lengths stay on the CPU: the forward packs and chunks by them on the host
                 losses = compute_losses(model, criterion, images.to(device, non_blocking=pin),
                                         captions.to(device, non_blocking=pin), lengths,
-                                        relevance.to(device, non_blocking=pin), max_violation, amp_dtype,
-                                        # PCME++'s matches: only its criterion takes them
-                                        **({"image_ids": image_ids} if opt.module_name == "PCMEpp" else {}))
+                                        relevance.to(device, non_blocking=pin), max_violation, amp_dtype, image_ids)
                 scaler.scale(losses["loss"] / opt.accum_steps).backward()
             step_losses.append(losses["loss"].detach())
             if not last:

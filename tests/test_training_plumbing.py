@@ -33,13 +33,14 @@ def observe(monkeypatch, steps):
     seen = {"batches": [], "grads": [], "optimizer_state": []}
     compute, step = train.compute_losses, train.optimizer_step
 
-    def compute_losses(model, criterion, images, captions, lengths, relevance, max_violation, amp_dtype=None):
+    def compute_losses(model, criterion, images, captions, lengths, relevance, max_violation, amp_dtype=None,
+                       image_ids=None):
         if not seen["batches"]:
             seen["weights"] = copy.deepcopy(train.unwrap(model).state_dicts())
             seen["rng"] = torch.get_rng_state()
         if len(seen["batches"]) < K:
             seen["batches"].append((images, captions, lengths, relevance, max_violation))
-        return compute(model, criterion, images, captions, lengths, relevance, max_violation, amp_dtype)
+        return compute(model, criterion, images, captions, lengths, relevance, max_violation, amp_dtype, image_ids)
 
     def optimizer_step(model, optimizer, scaler, grad_clip):
         if len(seen["grads"]) < steps:

@@ -26,6 +26,7 @@ import sys
 import numpy as np
 import torch
 
+import data
 import errors
 import evaluation
 import fileio
@@ -40,7 +41,7 @@ VARIANTS = ((0, "reference"), (25, "reference"), (25, "tie_aware"))  # (DAA weig
 
 def read_caption_blocks(data_path):
     """The training captions, one tuple of CAPTIONS_PER_IMAGE lines per image."""
-    lines = open(os.path.join(data_path, run_demo.DATA_NAME, "train_caps.txt"), encoding="utf-8").read().splitlines()
+    lines = data.read_captions(data_path, run_demo.DATA_NAME, "train")
     return [tuple(lines[k:k + CAPTIONS_PER_IMAGE]) for k in range(0, len(lines), CAPTIONS_PER_IMAGE)]
 
 
