@@ -15,10 +15,21 @@ index of the gallery's vectors instead of ranking the query's whole row of score
   inner-product index serves both kinds. (PCME's eval score sigmoid(-a ||mu_a - mu_b|| + b), a > 0, is
   increasing in -||mu_a - mu_b||^2: the same order.)
 
-Index kinds: exact (no index: the shortlist model's rows ranked as plain evaluation ranks them),
-hnsw (faiss.IndexHNSWFlat, a proximity graph) and ivf (faiss.IndexIVFFlat, k-means cells, a few probed),
-both with the inner-product metric. Ties: an index returns any of the tied items; recall is measured
-against the exact top k with ties by lower index.
+Index kinds (all with the inner-product metric): exact (no index: the shortlist model's rows ranked as
+plain evaluation ranks them); hnsw, a proximity graph; pca, every item scored, in fewer dimensions; ivf
+(faiss.IndexIVFFlat), k-means cells, a tenth of them probed. Ties: an index returns any of the tied items;
+recall is measured against the exact top k with ties by lower index.
+
+hnsw and pca search a projection. Exact search is a few large matrix products at the machine's sgemm rate;
+a graph walk over 1,024-d rows computes one distance at a time for the few thousand items it visits, reading
+each row at random, and was no faster than exact search (0.7x at 10,000 x 50,000). A trained model's items
+concentrate on a few directions, so both search the projection onto the fewest principal directions that
+keep PROJECTION_ENERGY of the gallery's variance (`principal_directions`; no mean subtracted from the
+vectors, which would change their ranking, as faiss's PCAMatrix does), hnsw with a graph over it
+(faiss.IndexHNSWFlat), pca with the products of every pair in it (faiss.IndexFlatIP, sgemm at r of d
+dimensions' cost); the REFINE_FACTOR x k candidates found are re-scored with the full vectors
+(faiss.IndexRefineFlat), so the order returned is the exact inner product's. Where the items spread over
+every direction the projection keeps most of them: the search is then as slow as without it, not wrong.
 """
 import math
 import time
@@ -27,15 +38,19 @@ import numpy as np
 
 from errors import InputError
 
-KINDS = ("exact", "hnsw", "ivf")
+KINDS = ("exact", "hnsw", "pca", "ivf")
 INDEXED_MODULES = ("VSE", "PCME", "PCMEpp")  # shortlist models with one embedding per item (search_vectors)
 HNSW_NEIGHBOURS = 32  # graph degree M
 HNSW_EF_CONSTRUCTION = 200
-# efSearch: the candidate list, at least 5/4 of k (see search). Measured (tools.bench stand-in embeddings, 2,000
-# images x 10,000 captions, k = 100, M = 32): efSearch 100 / 128 / 256 give recall 0.996 / 0.998 / 1.000 of
-# the exact top 100 (i2t; t2i 0.996 / 0.999 / 1.000) at search times 1 : 1.2 : 2.1. (M = 16 builds 1.7x
-# faster but needs efSearch 128 for recall 0.99.)
-HNSW_EF_SEARCH = 128
+# efSearch: the candidate list, at least 5/4 of k and of the REFINE_FACTOR x k candidates (see search). Measured
+# on the projection (tools.bench stand-in embeddings, 25,000 images x 125,000 captions, k = 100, M = 32,
+# k_factor 1.5, both directions): efSearch 128 / 160 return 0.989 / 0.994 of the exact top 100 at 4.0 / 3.4x
+# the speed of exact search (M = 16 at 10,000 x 50,000 needs efSearch 200 for 0.996).
+HNSW_EF_SEARCH = 160
+# The projection's share of the gallery's variance, and the candidates re-scored per result (faiss's
+# k_factor): see assets/two_stage.md ("An ANN index") for the trade-off they were chosen from.
+PROJECTION_ENERGY = 0.999
+REFINE_FACTOR = 1.5
 IVF_POINTS_PER_CELL = 256  # about sqrt(n) cells on large galleries
 IVF_PROBE_SHARE = 0.1  # cells probed per query, at least 8
 
@@ -71,23 +86,61 @@ def search_vectors(module_name, img_rows, cap_rows):
                      f"({', '.join(INDEXED_MODULES)}); {module_name} scores every pair with a network")
 
 
-def build(kind, gallery, threads=1):
-    """A faiss inner-product index of `gallery` (n, d) float32: kind hnsw or ivf."""
+def principal_directions(gallery, energy):
+    """The fewest principal directions of `gallery` ((n, d) -> (d, r) float32, largest first: eigenvectors
+    of its covariance) whose variances sum to `energy` of its total variance.
+
+    Inner products are then taken of the uncentred vectors projected on them: for a query q and items g,
+    q.g = q.mean + q.(g - mean), the first term the same for every item, so the projection ranks as q.g up to
+    the variance left out. (Subtracting the mean from both sides, as faiss's PCAMatrix does, would not: it
+    adds -mean.g, which differs per item. And the uncentred second moment would spend the energy on a
+    shared offset: an untrained PCME++'s means share one that holds almost all of it.)"""
+    gallery = np.asarray(gallery, dtype=np.float64)
+    centred = gallery - gallery.mean(0)
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    values, vectors = values[::-1].clip(min=0), vectors[:, ::-1]
+    kept = int(np.searchsorted(np.cumsum(values), energy * values.sum())) + 1
+    return np.ascontiguousarray(vectors[:, :min(kept, len(values))], dtype=np.float32)
+
+
+def unprojected_coordinates(module_name):
+    """How many trailing coordinates of a model's search vectors hnsw and pca carry as they are: augment's two
+    (their norm term can hold most of the gallery's energy while the ranking lives in the means' directions;
+    projected with the rest, the energy criterion would keep the norm and drop the means)."""
+    return 0 if module_name == "VSE" else 2
+
+
+def build(kind, gallery, threads=1, unprojected=0):
+    """A faiss inner-product index of `gallery` (n, d) float32: kind hnsw, pca (module docstring) or ivf;
+    hnsw and pca project all but the last `unprojected` coordinates (unprojected_coordinates)."""
     import faiss
 
     faiss.omp_set_num_threads(max(1, threads))
     n, d = gallery.shape
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
-    if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    if kind in ("hnsw", "pca"):
+        directions = principal_directions(gallery[:, :d - unprojected], PROJECTION_ENERGY)  # (d - unprojected, r)
+        r = directions.shape[1] + unprojected
+        matrix = np.zeros((r, d), dtype=np.float32)  # faiss's A: (r, d), row-major; the kept coordinates as they are
+        matrix[:r - unprojected, :d - unprojected] = directions.T
+        matrix[r - unprojected:, d - unprojected:] = np.eye(unprojected)
+        projection = faiss.LinearTransform(d, r, False)
+        faiss.copy_array_to_vector(matrix.ravel(), projection.A)
+        projection.is_trained = True
+        if kind == "hnsw":
+            projected = faiss.IndexHNSWFlat(r, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+            projected.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        else:
+            projected = faiss.IndexFlatIP(r)
+        index = faiss.IndexRefineFlat(faiss.IndexPreTransform(projection, projected))
+        index.k_factor = REFINE_FACTOR
     elif kind == "ivf":
         cells = max(1, min(n // 39, round(n / IVF_POINTS_PER_CELL), int(4 * math.sqrt(n))))  # faiss: >= 39 per cell
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, cells, faiss.METRIC_INNER_PRODUCT)
         index.train(gallery)
         index.nprobe = min(cells, max(8, math.ceil(IVF_PROBE_SHARE * cells)))
     else:
-        raise ValueError(f"index kind must be hnsw or ivf, not {kind!r}")
+        raise ValueError(f"index kind must be hnsw, pca or ivf, not {kind!r}")
     index.add(gallery)
     return index
 
@@ -95,19 +148,32 @@ def build(kind, gallery, threads=1):
 def search(index, queries, k, effort=None):
     """Ids of each query's k best gallery items (int64 (n_q, k), -1 where the index found fewer). effort:
     HNSW's efSearch (at least k) or IVF's cells probed instead of the defaults (a trade-off curve)."""
-    if hasattr(index, "hnsw"):
-        index.hnsw.efSearch = max(k, effort) if effort else max(HNSW_EF_SEARCH, 5 * k // 4)
+    import faiss
+
+    if isinstance(index, faiss.IndexRefineFlat):  # hnsw, pca: the index inside the projection
+        projected = faiss.downcast_index(faiss.downcast_index(index.base_index).index)
+        if hasattr(projected, "hnsw"):
+            projected.hnsw.efSearch = max(k, effort) if effort else max(HNSW_EF_SEARCH, 5 * k // 4)
     elif effort:
         index.nprobe = min(index.nlist, effort)
     _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return ids.astype(np.int64)
 
 
-def top_k(kind, queries, gallery, k, threads=1):
+def searched_dims(index):
+    """The dimensions an index searches in: hnsw's and pca's projection, the vectors' own otherwise."""
+    import faiss
+
+    if isinstance(index, faiss.IndexRefineFlat):
+        return faiss.downcast_index(index.base_index).index.d
+    return index.d
+
+
+def top_k(kind, queries, gallery, k, threads=1, unprojected=0):
     """(ids (n_q, min(k, n_g)), seconds of building, seconds of searching) of an index of `kind` over
     `gallery` (an index is built once and serves every later query: the two are told apart)."""
     started = time.perf_counter()
-    index = build(kind, gallery, threads)
+    index = build(kind, gallery, threads, unprojected)
     built = time.perf_counter()
     ids = search(index, queries, min(k, len(gallery)))
     return ids, built - started, time.perf_counter() - built

@@ -5,7 +5,7 @@
     python evaluation.py --sims S.npy [--sims S2.npy ...] --data_path D --data_name N --split S
                          [--fold5] [--stream] --json OUT
     python evaluation.py --model_path CKPT [--model_path2 CKPT2] --shortlist EMB_CKPT --shortlist_k K [--fold5]
-                         [--shortlist_index exact|hnsw|ivf]
+                         [--shortlist_index exact|hnsw|pca|ivf]
 
 A similarity matrix is (n_images, n_captions) = (n, 5n), rows in image order, columns in caption order;
 captions 5i..5i+4 belong to image i. Several matrices (two checkpoints, several --sims) are averaged:
@@ -30,7 +30,7 @@ would exceed --max_matrix_gb, evaluation streams by itself and says so.
 lower index) are scored by the main model(s) and ranked above all others, in the main model's order;
 the others follow in the shortlist model's order (in a fold: the fold's gallery). Only those pairs are
 scored, each item's own work (encodings, SGR/SAF's global vectors) done once; R@K and ASP are those of the
-two rankings (i2t and t2i differ), K >= the gallery = plain scoring. --shortlist_index hnsw|ivf finds the
+two rankings (i2t and t2i differ), K >= the gallery = plain scoring. --shortlist_index hnsw|pca|ivf finds the
 K candidates with a faiss index of the shortlist model's embeddings instead (ann_index.py), and reports
 its recall of the exact top K.
 """
@@ -108,8 +108,8 @@ def build_parser():
     p.add_argument("--shortlist_k", type=int, default=None, help="candidates per query with --shortlist")
     p.add_argument("--shortlist_index", default="exact", choices=ann_index.KINDS,
                    help="how --shortlist finds each query's K candidates: exact (the shortlist model's whole rows), "
-                        "or a faiss index of its embeddings (hnsw, ivf; VSE and PCME shortlist models), whose "
-                        "recall of the exact top K the report gives")
+                        "or a faiss index of its embeddings (hnsw, pca, ivf; VSE, PCME and PCMEpp shortlist "
+                        "models), whose recall of the exact top K the report gives")
     p.add_argument("--world_size", type=int, default=1,
                    help="score the matrix with K processes (one per GPU, or K CPU processes), gathered on rank 0")
     p.add_argument("--stream", action="store_true",
@@ -271,7 +271,7 @@ def two_stage(args, model_paths):
 
 
 def shortlist_candidates(args, module_name, shortlist, ranges, img_embs, captions):
-    """Each block's (i2t, t2i) candidate masks (scoring.shortlist_masks) and, for --shortlist_index hnsw|ivf,
+    """Each block's (i2t, t2i) candidate masks (scoring.shortlist_masks) and, for --shortlist_index hnsw|pca|ivf,
     the "index" report: its recall of the exact top K (ties by lower index) per direction, the seconds of
     building its indexes and of searching them, and of the exact top K from the matrix (None for exact).
 
@@ -286,9 +286,10 @@ def shortlist_candidates(args, module_name, shortlist, ranges, img_embs, caption
     (img_queries, cap_gallery), (cap_queries, img_gallery) = ann_index.search_vectors(
         module_name, img_embs.numpy(), captions[0][1].numpy())
     masks, hits, seconds, threads = [], {"i2t": [], "t2i": []}, np.zeros(2), torch.get_num_threads()
+    unprojected = ann_index.unprojected_coordinates(module_name)
     for block, ((i0, i1), (c0, c1)), (i2t_exact, t2i_exact) in zip(shortlist, ranges, exact):
-        i2t_ids, *i2t_s = ann_index.top_k(kind, img_queries[i0:i1], cap_gallery[c0:c1], k, threads)
-        t2i_ids, *t2i_s = ann_index.top_k(kind, cap_queries[c0:c1], img_gallery[i0:i1], k, threads)
+        i2t_ids, *i2t_s = ann_index.top_k(kind, img_queries[i0:i1], cap_gallery[c0:c1], k, threads, unprojected)
+        t2i_ids, *t2i_s = ann_index.top_k(kind, cap_queries[c0:c1], img_gallery[i0:i1], k, threads, unprojected)
         seconds += np.add(i2t_s, t2i_s)  # (building, searching)
         masks.append(shortlist_masks(block, k, (i2t_ids, t2i_ids)))
         hits["i2t"].append((ann_index.recall(i2t_ids, i2t_exact), i2t_exact.size))

@@ -348,7 +348,11 @@ class EncoderSimilarity(nn.Module):
         cap_embs, mask = self._zero_padding(cap_embs, lengths)
         return self.t_global_w(cap_embs, mask.to(cap_embs.device))
 
-    def forward(self, img_embs, cap_embs, lengths, img_glo=None, cap_glo=None, zero_padded=False):
+    def folded_edge_weights(self):
+        """SGR's GraphReasoning.edge_weights() of every step (scoring: fold them once for many calls)."""
+        return [module.edge_weights() for module in self.SGR_module]
+
+    def forward(self, img_embs, cap_embs, lengths, img_glo=None, cap_glo=None, zero_padded=False, edge_weights=None):
         """img_embs (n_i, R, d), cap_embs (n_c, L, d), lengths (n_c,) -> scores (n_i, n_c) in (0, 1).
 
         img_glo (n_i, d), cap_glo (n_c, d): the items' global vectors (VisualSA / caption_globals) when the
@@ -356,7 +360,8 @@ class EncoderSimilarity(nn.Module):
         vectors of another call (two-stage scoring reuses each item's for all its pairs) scores the same.
         None: computed here from this block (always so in training, where VisualSA's BatchNorm uses the
         batch's statistics). zero_padded: the caller's cap_embs are 0 at every padded word already (no
-        masking copy of them).
+        masking copy of them). edge_weights: SGR's folded_edge_weights() when the caller scores many small
+        blocks with the same weights (two-stage scoring calls once per image; folding is 100 MFLOP a call).
 
         Captions are sorted by length and scored in chunks of at most `max_elements` (default: chunk_budget of
         the device) // (n_i d) words,
@@ -378,7 +383,10 @@ class EncoderSimilarity(nn.Module):
         presorted = bool((order == torch.arange(n_c)).all())  # chunks are then slices, not gathered copies
         saf_batch_stats = self.module_name == "SAF" and self.SAF_module.uses_batch_stats()
         if self.module_name == "SGR":  # folded once for all chunks when scoring (see GraphReasoning.forward)
-            edge_weights = [None if torch.is_grad_enabled() else module.edge_weights() for module in self.SGR_module]
+            if torch.is_grad_enabled():
+                edge_weights = [None] * len(self.SGR_module)
+            elif edge_weights is None:
+                edge_weights = self.folded_edge_weights()
         budget = chunk_budget(img_embs.device) if self.max_elements is None else self.max_elements
         scores, pending, start = [], [], 0
         while start < n_c:
@@ -469,14 +477,15 @@ class SimilarityModel(nn.Module):
         words = self.txt_enc(captions, lengths)
         return self.sim_enc.embed_captions(words, lengths) if self.embedding else words
 
-    def similarity(self, img_embs, cap_embs, lengths, img_glo=None, cap_glo=None, zero_padded=False):
+    def similarity(self, img_embs, cap_embs, lengths, img_glo=None, cap_glo=None, zero_padded=False,
+                   edge_weights=None):
         """Encoded images and captions (any block of them; lengths (n_c,)) -> (n_i, n_c) scores.
 
-        SGR/SAF: img_glo, cap_glo, the items' global vectors when known, zero_padded (see
+        SGR/SAF: img_glo, cap_glo, the items' global vectors when known, zero_padded, SGR's edge_weights (see
         EncoderSimilarity.forward)."""
         if self.embedding:
             return self.sim_enc(img_embs, cap_embs)
-        return self.sim_enc(img_embs, cap_embs, lengths, img_glo, cap_glo, zero_padded)
+        return self.sim_enc(img_embs, cap_embs, lengths, img_glo, cap_glo, zero_padded, edge_weights)
 
     def forward(self, images, captions, lengths):
         """A batch of B images and their B captions -> (B, B) scores, rows images, columns captions.

@@ -66,9 +66,9 @@ def test_large_gallery_case_at_a_small_size(tmp_path):
     assert [r["size"].split(" images")[0] for r in rows] == ["10", "50"]
     assert rows[0]["diff"] == 0.0 and rows[1]["diff"] is None and rows[1]["extrapolated"]
     assert set(rows[1]["timers"]) == {"encoding", "products", "relevance rows", "ranking", "PMRP"}
-    assert set(rows[1]["index"]) == {"hnsw", "ivf"} and all(0 < v[0] <= 1 and 0 < v[1] <= 1 for v in rows[1]["index"].values())
+    assert set(rows[1]["index"]) == {"hnsw", "pca", "ivf"} and all(0 < v[0] <= 1 and 0 < v[1] <= 1 for v in rows[1]["index"].values())
     assert "every metric exact" in out.read_text(encoding="utf-8")
-    assert "efSearch 100: " in out.read_text(encoding="utf-8") and "nprobe 4: " in out.read_text(encoding="utf-8")
+    assert "efSearch 100: " in out.read_text(encoding="utf-8") and "nprobe 64: " in out.read_text(encoding="utf-8")
     assert "large_gallery" not in bench.CASES  # the default run stays as it was
 
 

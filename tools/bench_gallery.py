@@ -19,7 +19,7 @@ from tools.bench_shortlist import standin_embeddings
 
 LARGE_GALLERY_IMAGES = 25000  # 5x COCO 5K each way: 25,000 images x 125,000 captions
 ANN_K = 100  # the large_gallery case's ANN rows: recall of each query's exact top 100
-ANN_EFFORTS = {"hnsw": (100, 256, 512), "ivf": (4, 16, 64)}  # their trade-off curves: efSearch, cells probed
+ANN_EFFORTS = {"hnsw": (100, 256), "pca": (), "ivf": (64,)}  # trade-off curves beside the defaults: efSearch, cells probed
 
 
 class _Timed:
@@ -43,7 +43,7 @@ class _Timed:
 
 def ann_rows(n_i, n_c, dim):
     """--shortlist_index at n_i images x n_c captions: ({kind: (i2t recall, t2i recall, build seconds, search
-    seconds, exact seconds)} for hnsw and ivf at ann_index's defaults, {kind: [(effort, i2t recall, t2i recall,
+    seconds, exact seconds, dimensions searched in (i2t, t2i))} for each index kind at ann_index's defaults, {kind: [(effort, i2t recall, t2i recall,
     search seconds)]} at the ANN_EFFORTS of each kind, the same indexes searched again): the recall of each
     query's exact top ANN_K, the indexes' building and searching, and exact search (products of chunks of
     queries and their top K), both directions. The vectors are standin_embeddings, as VSE's unit vectors are
@@ -59,7 +59,7 @@ def ann_rows(n_i, n_c, dim):
                                            for a in range(0, len(queries), step)])
         exact_s += time.perf_counter() - start
     out, curve = {}, {}
-    for kind in ("hnsw", "ivf"):
+    for kind in ANN_EFFORTS:
         build_s, indexes = 0.0, {}
         for direction, (queries, gallery) in directions.items():
             start = time.perf_counter()
@@ -74,7 +74,8 @@ def ann_rows(n_i, n_c, dim):
                 search_s += time.perf_counter() - start
                 recalls.append(ann_index.recall(ids, exact[direction]))
             if effort is None:
-                out[kind] = (*recalls, build_s, search_s, exact_s)
+                out[kind] = (*recalls, build_s, search_s, exact_s,
+                             tuple(ann_index.searched_dims(indexes[d]) for d in ("i2t", "t2i")))
             else:
                 curve[kind].append((effort, *recalls, search_s))
     return out, curve
@@ -183,15 +184,16 @@ def bench_large_gallery(sizes, device, n_images, sgemm):
                              + (f", {100 * product_gflop / max(timers['products'], 1e-9) / sgemm:.0f} % of sgemm"
                                 if sgemm else "") + f"), relevance rows {timers['relevance rows']:.1f} s, ranking "
                              f"{timers['ranking']:.1f} s, PMRP {timers['PMRP']:.1f} s; "
-                             + "".join(f"{kind} index (stand-in embeddings): recall of the exact top {ANN_K} i2t "
+                             + "".join(f"{kind} index (stand-in embeddings, searched in {dims[0]} / {dims[1]} of "
+                                       f"{sizes['dims'][2]} dimensions): recall of the exact top {ANN_K} i2t "
                                        f"{i2t:.4f} / t2i {t2i:.4f}, built in {build:.1f} s, searched in {search:.1f} s "
                                        f"against {exact:.1f} s of exact search (products + top {ANN_K}): "
-                                       f"{exact / max(search, 1e-9):.1f}x ("
-                                       + ", ".join(f"{'efSearch' if kind == 'hnsw' else 'nprobe'} {effort}: "
-                                                   f"{min(c_i2t, c_t2i):.4f}, {exact / max(c_s, 1e-9):.1f}x"
-                                                   for effort, c_i2t, c_t2i, c_s in report["index_curve"][kind])
-                                       + "); "
-                                       for kind, (i2t, t2i, build, search, exact) in report["index"].items()) + f"peak {peak_mb:,.0f} MB against "
+                                       f"{exact / max(search, 1e-9):.1f}x"
+                                       + "".join(f", {'efSearch' if kind == 'hnsw' else 'nprobe'} {effort}: "
+                                                 f"{min(c_i2t, c_t2i):.4f}, {exact / max(c_s, 1e-9):.1f}x"
+                                                 for effort, c_i2t, c_t2i, c_s in report["index_curve"][kind])
+                                       + "; "
+                                       for kind, (i2t, t2i, build, search, exact, dims) in report["index"].items()) + f"peak {peak_mb:,.0f} MB against "
                              f"{matrix_mb:,.0f} MB for the matrix alone; growth {small:,} -> {large:,} images: time "
                              f"x n^{time_power:.2f}, memory x n^{mem_power:.2f}; R@1 i2t {report['i2t']['r1']:.2f}; "
                              f"{base_note}"))
