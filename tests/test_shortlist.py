@@ -274,11 +274,8 @@ def test_fold5_small_shortlist_against_brute_force_per_fold(synth, any_main, tmp
     assert report["shortlist"]["pairs_scored"] == pairs and report["shortlist"]["pairs_total"] == 5 * 10 * 50
 
 
-@pytest.mark.parametrize("module", ["SGR", "SAF", "VSE", "PCME"])
-def test_reused_item_state_scores_as_todays_pairs(synth, any_main, module):
-    """EncodedSplit (each item's encoding and SGR/SAF global vectors computed once) against a model call on
-    the same pairs that recomputes them (what shortlisted pairs cost before): per image, 7 random captions;
-    a whole shard bit for bit against similarity_block."""
+def _encoded_testall(synth, path):
+    """A checkpoint's model and the synthetic testall encoded by it: (model, img_embs, captions, device)."""
     import checkpoint
     import data
     import torch
@@ -286,11 +283,20 @@ def test_reused_item_state_scores_as_todays_pairs(synth, any_main, module):
     from model import SimilarityModel
 
     vocab = vocab_lib.deserialize_vocab(os.path.join(synth.vocab_path, "coco_precomp_vocab.json"))
-    path = any_main[module]
     model = SimilarityModel.from_checkpoint(checkpoint.load_checkpoint(path), path, len(vocab))
     images, captions, _ = data.get_eval_loaders(synth.data_path, "coco_precomp", "testall", vocab, 32, 0)
     device = torch.device("cpu")
-    img_embs, caps = evaluation.encode(model, images, captions, device)
+    return (model, *evaluation.encode(model, images, captions, device), device)
+
+
+@pytest.mark.parametrize("module", ["SGR", "SAF", "VSE", "PCME"])
+def test_reused_item_state_scores_as_todays_pairs(synth, any_main, module):
+    """EncodedSplit (each item's encoding and SGR/SAF global vectors computed once) against a model call on
+    the same pairs that recomputes them (what shortlisted pairs cost before): per image, 7 random captions;
+    a whole shard bit for bit against similarity_block."""
+    import torch
+
+    model, img_embs, caps, device = _encoded_testall(synth, any_main[module])
     split = scoring.EncodedSplit(model, img_embs, caps, 20, device)
     rng = np.random.default_rng(3)
     with torch.no_grad():
@@ -375,18 +381,7 @@ def test_pcmepp_shortlist_through_an_index(synth, any_main, tmp_path, one_thread
 def test_length_groups_score_as_a_block(synth, any_main, module):
     """An image needing more than scoring.GROUP_FROM captions (not a whole shard) is scored in groups of similar
     length: the same scores as similarity_block's to 1e-6, every needed pair once, the rest 0."""
-    import checkpoint
-    import data
-    import torch
-    import vocab as vocab_lib
-    from model import SimilarityModel
-
-    vocab = vocab_lib.deserialize_vocab(os.path.join(synth.vocab_path, "coco_precomp_vocab.json"))
-    path = any_main[module]
-    model = SimilarityModel.from_checkpoint(checkpoint.load_checkpoint(path), path, len(vocab))
-    images, captions, _ = data.get_eval_loaders(synth.data_path, "coco_precomp", "testall", vocab, 32, 0)
-    device = torch.device("cpu")
-    img_embs, caps = evaluation.encode(model, images, captions, device)
+    model, img_embs, caps, device = _encoded_testall(synth, any_main[module])
     split = scoring.EncodedSplit(model, img_embs, caps, 1000, device)
     rng = np.random.default_rng(4)
     need = np.zeros((50, 250), dtype=bool)
