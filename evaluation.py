@@ -391,7 +391,8 @@ def main(argv=None):
             module_name = checkpoint.load_checkpoint(args.shortlist)["opt"].module_name
             if module_name not in ann_index.INDEXED_MODULES:
                 raise InputError(f"{args.shortlist}: --shortlist_index {args.shortlist_index} searches one embedding "
-                                 f"per item (VSE, PCME); {opts.with_article(module_name)} model scores every pair "
+                                 f"per item ({', '.join(ann_index.INDEXED_MODULES)}); "
+                                 f"{opts.with_article(module_name)} model scores every pair "
                                  f"with a network (use --shortlist_index exact)")
     elif args.shortlist_index != "exact":
         raise InputError("--shortlist_index picks the candidates of --shortlist: give --shortlist CKPT --shortlist_k K")
