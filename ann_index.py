@@ -51,7 +51,7 @@ HNSW_EF_SEARCH = 160
 # k_factor): see assets/two_stage.md ("An ANN index") for the trade-off they were chosen from.
 PROJECTION_ENERGY = 0.999
 REFINE_FACTOR = 1.5
-IVF_POINTS_PER_CELL = 256  # about sqrt(n) cells on large galleries
+IVF_POINTS_PER_CELL = 256  # n / 256 cells (at most 4 sqrt(n))
 IVF_PROBE_SHARE = 0.1  # cells probed per query, at least 8
 
 
@@ -147,7 +147,7 @@ def build(kind, gallery, threads=1, unprojected=0):
 
 def search(index, queries, k, effort=None):
     """Ids of each query's k best gallery items (int64 (n_q, k), -1 where the index found fewer). effort:
-    HNSW's efSearch (at least k) or IVF's cells probed instead of the defaults (a trade-off curve)."""
+    HNSW's efSearch (at least k) or IVF's cells probed instead of the defaults (a trade-off curve); pca has none."""
     import faiss
 
     if isinstance(index, faiss.IndexRefineFlat):  # hnsw, pca: the index inside the projection

@@ -477,6 +477,7 @@ def similarity_pairs(split, ranges, needed, shard_size, bar=None):
     out = []
     for ((i0, i1), (c0, c1)), need in zip(ranges, needed):
         block, left = np.zeros(need.shape, dtype=np.float32), need.copy()
+        lengths = split.lengths[c0:c1].numpy()
         for a in range(0, i1 - i0, shard_size):
             rows = slice(a, min(a + shard_size, i1 - i0))
             for c in range(0, c1 - c0, shard_size):
@@ -488,7 +489,7 @@ def similarity_pairs(split, ranges, needed, shard_size, bar=None):
                     if bar is not None:
                         bar.update(block[rows, cols].size)
             for i in range(rows.start, rows.stop):
-                for columns in length_groups(np.flatnonzero(left[i]), split.lengths[c0:c1].numpy()):
+                for columns in length_groups(np.flatnonzero(left[i]), lengths):
                     block[i, columns] = split.scores(i0 + i, i0 + i + 1, c0 + columns)[0]
                     if bar is not None:
                         bar.update(len(columns))
